@@ -1,0 +1,189 @@
+"""The UDF interface: what is computed, apart from where and how it runs.
+
+A UDF is a function (run as stateless Ray tasks) or a class (run as a Ray Data
+actor pool, so a model loads once per actor). Either way it maps a
+``pyarrow.Table`` holding its ``inputs`` to a table with exactly its
+``output_schema``, one row per input row.
+
+Examples:
+    >>> import pyarrow as pa, pyarrow.compute as pc
+    >>> @udf(inputs=["width"], outputs=pa.schema([("w2", pa.int64())]))
+    ... def double_width(batch: pa.Table) -> pa.Table:
+    ...     return pa.table({"w2": pc.multiply(batch["width"], 2)})
+    >>> double_width.name
+    'double-width'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from laion_ray.errors import LaionRayError
+
+# Columns whose name starts with this are passed between the stages of one run
+# and never written to the dataset (e.g. decoded pixels).
+INTERMEDIATE_PREFIX = "_"
+
+
+@dataclasses.dataclass(frozen=True)
+class UDF:
+    """A column computation and what it needs to run.
+
+    Attributes:
+        name: Registry name, e.g. ``aspect-ratio``.
+        version: Bumped when the maths changes, so old checkpoints are not reused.
+        inputs: Columns read from the dataset or produced by an earlier UDF.
+        output_schema: The exact columns produced, checked on the first batch.
+        compute: A function ``f(table) -> table``, or a class whose instances are
+            such callables; ``params`` are its keyword arguments.
+        params: Parameters that change the result (part of the checkpoint key).
+        num_cpus, num_gpus: Per task or per actor; fractional CPUs keep read
+            tasks from starving on small machines.
+        batch_size: Rows per call.
+        concurrency: Actor-pool size (``int`` or ``(min, max)``); tasks ignore it.
+    """
+
+    name: str
+    version: str
+    inputs: tuple[str, ...]
+    output_schema: pa.Schema
+    compute: Callable[..., Any]
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    batch_size: int = 4096
+    concurrency: int | tuple[int, int] | None = None
+
+    @property
+    def is_actor(self) -> bool:
+        return inspect.isclass(self.compute)
+
+    @property
+    def outputs(self) -> list[str]:
+        return self.output_schema.names
+
+    @property
+    def stored_outputs(self) -> list[str]:
+        return [n for n in self.outputs if not n.startswith(INTERMEDIATE_PREFIX)]
+
+    @property
+    def key(self) -> str:
+        """Identity of the computation: name, version and parameters."""
+        params = json.dumps(dict(self.params), sort_keys=True, default=str)
+        return f"{self.name}@{self.version}:{params}"
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(
+            (self.key + self.output_schema.to_string()).encode()
+        ).hexdigest()[:16]
+
+    def with_options(self, **changes: Any) -> UDF:
+        """Copy with other resources or parameters (``params`` are merged)."""
+        if "params" in changes:
+            changes["params"] = {**self.params, **changes["params"]}
+        return dataclasses.replace(self, **changes)
+
+    def instantiate(self) -> Callable[[pa.Table], pa.Table]:
+        """The callable that maps a batch; a class is constructed here, once."""
+        if self.is_actor:
+            return self.compute(**self.params)
+        if self.params:
+            return lambda batch: self.compute(batch, **self.params)
+        return self.compute
+
+
+def udf(
+    *,
+    inputs: Sequence[str],
+    outputs: pa.Schema,
+    name: str | None = None,
+    version: str = "1",
+    num_cpus: float = 0.5,
+    num_gpus: float = 0.0,
+    batch_size: int = 4096,
+    concurrency: int | tuple[int, int] | None = None,
+) -> Callable[[Callable[..., Any]], UDF]:
+    """Declare a function or class as a :class:`UDF`."""
+
+    def wrap(compute: Callable[..., Any]) -> UDF:
+        return UDF(
+            name=name or compute.__name__.strip("_").replace("_", "-").lower(),
+            version=version,
+            inputs=tuple(inputs),
+            output_schema=outputs,
+            compute=compute,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            batch_size=batch_size,
+            concurrency=concurrency,
+        )
+
+    return wrap
+
+
+# name -> factory(**params) -> list of UDF stages. A factory may return several
+# stages (e.g. a CPU decode stage feeding a model stage); equal stages requested
+# by different UDFs of one run are run once.
+_REGISTRY: dict[str, Callable[..., list[UDF]]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., list[UDF]]], Callable[..., list[UDF]]]:
+    """Register a factory under ``name`` for ``--udf name``."""
+
+    def wrap(factory: Callable[..., list[UDF]]) -> Callable[..., list[UDF]]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def registered_names() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def resolve(spec: str | UDF, **params: Any) -> list[UDF]:
+    """Turn a registry name, ``package.module:Name`` or a UDF into stages.
+
+    Raises:
+        LaionRayError: the name is unknown or the import target is not a UDF.
+    """
+    if isinstance(spec, UDF):
+        return [spec.with_options(params=params) if params else spec]
+    _load_builtins()
+    if spec in _REGISTRY:
+        try:
+            return _REGISTRY[spec](**params)
+        except TypeError as exc:
+            raise LaionRayError(f"bad parameters for UDF {spec!r}: {exc}") from exc
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            target = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise LaionRayError(f"cannot import UDF {spec!r}: {exc}") from exc
+        if isinstance(target, UDF):
+            return resolve(target, **params)
+        if callable(target):
+            stages = target(**params)
+            if isinstance(stages, UDF):
+                return [stages]
+            if isinstance(stages, list) and all(isinstance(s, UDF) for s in stages):
+                return stages
+        raise LaionRayError(f"{spec!r} is neither a UDF nor a factory returning UDFs")
+    raise LaionRayError(f"unknown UDF {spec!r}; known: {', '.join(registered_names())}")
+
+
+def _load_builtins() -> None:
+    # Importing the package registers the built-in UDFs; the heavy ones import
+    # torch lazily, so this stays cheap.
+    importlib.import_module("laion_ray.udfs")
