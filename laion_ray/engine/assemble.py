@@ -1,0 +1,137 @@
+"""Turn a fragment's finished units into one new column file, aligned to its rows.
+
+The file holds one value per *physical* row (deleted rows included), which is
+what Lance's DataReplacement expects. Rows not processed keep their current
+value: null for a new column, the old value for an overwritten one. Memory is
+bounded by one unit, whatever the fragment size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from lance.file import LanceFileReader, LanceFileWriter
+
+from laion_ray.storage import join_uri, open_dataset, resolve_storage_options
+
+from .plan import ERROR_PREFIX, ROWADDR, WorkUnit
+
+ERROR_SCHEMA = pa.schema(
+    [
+        ("key", pa.int64()),
+        ("fragment_id", pa.int64()),
+        ("row_offset", pa.int64()),
+        ("udf", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+
+@dataclasses.dataclass
+class AssembledFragment:
+    fragment_id: int
+    file_name: str  # relative to <uri>/data
+    errors: pa.Table
+
+
+def _read_parts(paths: Sequence[str], opts: Mapping[str, str]) -> pa.Table | None:
+    tables = [LanceFileReader(p, storage_options=dict(opts)).read_all().to_table() for p in paths]
+    if not tables:
+        return None
+    table = pa.concat_tables(tables)
+    # One value per row address, in physical order.
+    order = pc.sort_indices(table[ROWADDR])
+    table = table.take(order)
+    addr = table[ROWADDR].to_numpy()
+    keep = np.concatenate([[True], addr[1:] != addr[:-1]]) if len(addr) else np.array([], bool)
+    return table.filter(pa.array(keep))
+
+
+def _current_values(ds, unit: WorkUnit, schema: pa.Schema, overwrite: Sequence[str]) -> pa.Table:
+    """The unit's present values: nulls for new columns, stored ones for overwrites."""
+    rows = unit.end - unit.start
+    columns = {f.name: pa.nulls(rows, f.type) for f in schema}
+    if overwrite:
+        base = unit.fragment_id << 32
+        stored = (
+            ds.get_fragment(unit.fragment_id)
+            .scanner(
+                columns=list(overwrite),
+                with_row_address=True,
+                filter=f"{ROWADDR} >= {base + unit.start} AND {ROWADDR} < {base + unit.end}",
+            )
+            .to_table()
+        )
+        offsets = stored[ROWADDR].to_numpy().astype(np.int64) - base - unit.start
+        for name in overwrite:
+            columns[name] = _scatter(columns[name], offsets, stored[name])
+    return pa.table(columns, schema=schema)
+
+
+def _scatter(target: pa.Array | pa.ChunkedArray, offsets: np.ndarray, values) -> pa.Array:
+    position = np.arange(len(target), dtype=np.int64) + len(values)
+    position[offsets] = np.arange(len(values))
+    return pa.concat_arrays(
+        [pa.chunked_array(values).combine_chunks(), pa.chunked_array(target).combine_chunks()]
+    ).take(pa.array(position))
+
+
+def _error_rows(part: pa.Table, fragment_id: int) -> list[dict]:
+    rows: list[dict] = []
+    keys = part["key"].to_pylist() if "key" in part.column_names else [None] * part.num_rows
+    offsets = (part[ROWADDR].to_numpy() & 0xFFFFFFFF).tolist()
+    for name in part.column_names:
+        if not name.startswith(ERROR_PREFIX):
+            continue
+        for i, message in enumerate(part[name].to_pylist()):
+            if message is not None:
+                error_type, _, text = message.partition(": ")
+                rows.append(
+                    {
+                        "key": keys[i],
+                        "fragment_id": fragment_id,
+                        "row_offset": offsets[i],
+                        "udf": name[len(ERROR_PREFIX) :],
+                        "error_type": error_type,
+                        "message": text,
+                    }
+                )
+    return rows
+
+
+def assemble_fragment(
+    uri: str,
+    fragment_id: int,
+    units: Sequence[tuple[WorkUnit, Sequence[str]]],
+    schema: pa.Schema,
+    overwrite: Sequence[str],
+    storage_options: Mapping[str, str] | None,
+) -> AssembledFragment:
+    """Write ``schema``'s columns for every physical row of ``fragment_id``.
+
+    ``units`` must cover the fragment's rows in order, each with its part paths.
+    """
+    opts = resolve_storage_options(storage_options)
+    ds = open_dataset(uri, storage_options=opts)
+    file_name = f"{uuid.uuid4().hex}.lance"
+    writer = LanceFileWriter(join_uri(uri, "data", file_name), schema, storage_options=opts)
+    errors: list[dict] = []
+    for unit, paths in sorted(units, key=lambda u: u[0].start):
+        current = _current_values(ds, unit, schema, overwrite)
+        part = _read_parts(paths, opts)
+        if part is not None and part.num_rows:
+            offsets = part[ROWADDR].to_numpy().astype(np.int64) - (fragment_id << 32) - unit.start
+            current = pa.table(
+                {f.name: _scatter(current[f.name], offsets, part[f.name]) for f in schema},
+                schema=schema,
+            )
+            errors.extend(_error_rows(part, fragment_id))
+        writer.write_batch(current)
+    writer.close()
+    return AssembledFragment(fragment_id, file_name, pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))

@@ -1,0 +1,97 @@
+"""Plan: pin a read version and split fragments into bounded work units."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+
+import lance
+
+from laion_ray.udf import UDF
+
+ROWADDR = "_rowaddr"
+UNIT = "_unit"
+UNIT_ROWS = "_unit_rows"
+ERROR_PREFIX = "_error:"
+# Units bound memory per task; image rows are ~50 KB so they get smaller units.
+IMAGE_UNIT_ROWS = 1024
+SCALAR_UNIT_ROWS = 131072
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkUnit:
+    """Physical row range ``[start, end)`` of one fragment (deleted rows included)."""
+
+    index: int
+    fragment_id: int
+    start: int
+    end: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FragmentState:
+    """What must not change under a planned fragment for its checkpoints to stay valid."""
+
+    fragment_id: int
+    physical_rows: int
+    input_files: tuple[str, ...]
+
+
+def error_column(stage: UDF) -> str:
+    return f"{ERROR_PREFIX}{stage.name}"
+
+
+def dataset_inputs(stages: Sequence[UDF], schema_names: Iterable[str]) -> list[str]:
+    """Columns to read from the dataset: stage inputs not produced in this run."""
+    produced: set[str] = set()
+    needed: list[str] = []
+    names = set(schema_names)
+    for stage in stages:
+        for col in stage.inputs:
+            if col not in produced and col not in needed:
+                needed.append(col)
+        produced.update(stage.outputs)
+    return [c for c in needed if c in names or c not in produced]
+
+
+def fragment_states(ds: lance.LanceDataset, input_columns: Sequence[str]) -> list[FragmentState]:
+    field_ids = {f.name(): f.id() for f in ds.lance_schema.fields()}
+    wanted = {field_ids[c] for c in input_columns if c in field_ids}
+    states = []
+    for frag in ds.get_fragments():
+        meta = frag.metadata
+        files = tuple(sorted(f.path for f in meta.files if wanted.intersection(f.fields)))
+        states.append(FragmentState(meta.id, meta.physical_rows, files))
+    return states
+
+
+def split_units(states: Sequence[FragmentState], unit_rows: int) -> list[WorkUnit]:
+    units: list[WorkUnit] = []
+    for state in states:
+        for start in range(0, state.physical_rows, unit_rows):
+            end = min(start + unit_rows, state.physical_rows)
+            units.append(WorkUnit(len(units), state.fragment_id, start, end))
+    return units
+
+
+def default_unit_rows(input_columns: Sequence[str], schema) -> int:
+    import pyarrow as pa
+
+    wide = any(
+        pa.types.is_large_binary(schema.field(c).type) or pa.types.is_binary(schema.field(c).type)
+        for c in input_columns
+        if c in schema.names
+    )
+    return IMAGE_UNIT_ROWS if wide else SCALAR_UNIT_ROWS
+
+
+def job_fingerprint(stages: Sequence[UDF], **options: object) -> str:
+    """Identity of a job: checkpoints are reused only by the same computation."""
+    payload = json.dumps(
+        {"stages": [s.key + s.output_schema.to_string() for s in stages], **options},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
