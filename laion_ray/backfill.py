@@ -40,7 +40,7 @@ from laion_ray.engine.plan import (
 )
 from laion_ray.engine.progress import Progress
 from laion_ray.error_log import checkpoint_root, failed_keys_by_fragment, record_errors
-from laion_ray.errors import LaionRayError
+from laion_ray.errors import LaionRayError, brief
 from laion_ray.storage import filesystem, open_dataset
 from laion_ray.udf import UDF, resolve
 
@@ -130,7 +130,7 @@ def _validate(
         try:
             ds.scanner(filter=where, columns=[], with_row_id=True, limit=1).to_table()
         except Exception as exc:  # Lance raises several types for a bad expression
-            raise LaionRayError(f"bad --where {where!r}: {str(exc).splitlines()[0]}") from exc
+            raise LaionRayError(f"bad --where {where!r}: {brief(exc)}") from exc
     new_fields, overwritten, incremental = [], [], []
     for stage in stages:
         for field in stage.output_schema:

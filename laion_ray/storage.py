@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import lance
 import pyarrow.fs as pafs
 
-from laion_ray.errors import LaionRayError
+from laion_ray.errors import LaionRayError, brief
 
 # Environment variables Lance itself reads for S3; passed on explicitly so that
 # pyarrow (checkpoint files) sees the same credentials and endpoint.
@@ -79,8 +79,7 @@ def open_dataset(
             uri, version=version, storage_options=resolve_storage_options(storage_options)
         )
     except (ValueError, OSError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LaionRayError(f"cannot open {uri} as a Lance dataset: {first_line}") from exc
+        raise LaionRayError(f"cannot open {uri} as a Lance dataset: {brief(exc)}") from exc
 
 
 def filesystem(uri: str, storage_options: Mapping[str, str] | None = None):

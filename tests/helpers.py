@@ -1,0 +1,87 @@
+"""Test UDFs, importable by Ray workers and by the CLI as ``helpers:<name>``.
+
+conftest puts this directory on PYTHONPATH before Ray starts, so workers
+import these by reference, exactly as they would a user's own UDF module.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from laion_ray.udf import udf
+
+
+def _log_keys(batch: pa.Table) -> None:
+    path = os.environ.get("LAION_RAY_TEST_LOG")
+    if path:
+        keys = batch["key"].to_numpy()
+        with open(path, "a") as f:
+            f.write(" ".join(map(str, keys.tolist())) + "\n")
+
+
+@udf(
+    inputs=["key", "width", "height"],
+    outputs=pa.schema([("ar_slow", pa.float64())]),
+    name="slow-ratio",
+    batch_size=50,
+)
+def slow_ratio(batch: pa.Table) -> pa.Table:
+    """Aspect ratio that sleeps per batch and logs the keys it computed."""
+    time.sleep(float(os.environ.get("LAION_RAY_TEST_DELAY", "0")))
+    _log_keys(batch)
+    width = pc.cast(batch["width"], pa.float64())
+    height = pc.cast(batch["height"], pa.float64())
+    ratio = pc.if_else(pc.greater(height, 0), pc.divide(width, height), None)
+    return pa.table({"ar_slow": ratio})
+
+
+@udf(
+    inputs=["key"],
+    outputs=pa.schema([("key_check", pa.int64())]),
+    name="fail-on-keys",
+    batch_size=64,
+)
+def fail_on_keys(batch: pa.Table) -> pa.Table:
+    """Raises for any batch holding a key with ``key % 97 == 5``."""
+    keys = batch["key"].to_numpy()
+    if np.any(keys % 97 == 5):
+        raise ValueError(f"bad key in {keys.min()}..{keys.max()}")
+    return pa.table({"key_check": pa.array(keys * 2, pa.int64())})
+
+
+@udf(
+    inputs=["key"],
+    outputs=pa.schema([("survivor", pa.int64())]),
+    name="die-once",
+    batch_size=64,
+)
+def die_once(batch: pa.Table) -> pa.Table:
+    """Kills its own worker process the first time it runs (a marker file remembers)."""
+    marker = os.environ["LAION_RAY_TEST_MARKER"]
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    return pa.table({"survivor": pc.add(batch["key"], 1)})
+
+
+EMB_DIM = 768
+
+
+@udf(
+    inputs=["key"],
+    outputs=pa.schema([("img_emb", pa.list_(pa.float32(), EMB_DIM))]),
+    name="key-embedding",
+    batch_size=256,
+)
+def key_embedding(batch: pa.Table) -> pa.Table:
+    """A deterministic unit vector per key, to overwrite ``img_emb`` in place."""
+    keys = batch["key"].to_numpy()
+    vectors = np.zeros((len(keys), EMB_DIM), np.float32)
+    vectors[np.arange(len(keys)), keys % EMB_DIM] = 1.0
+    flat = pa.array(vectors.reshape(-1))
+    return pa.table({"img_emb": pa.FixedSizeListArray.from_arrays(flat, EMB_DIM)})
