@@ -33,7 +33,8 @@ def command(name: str, *, help: str, example: str):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise LaionRayError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("laion-ray").strip()
+        raise LaionRayError(f"{command}: {message}" if command else message)
 
 
 def _storage_flags(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +121,346 @@ def _info(args: argparse.Namespace) -> None:
 
 
 # --- more subcommands are registered below this line ------------------------
+
+
+# --- backfill / errors / history --------------------------------------------
+
+
+def _parse_params(pairs: list[str]) -> dict[str, dict[str, object]]:
+    params: dict[str, dict[str, object]] = {}
+    for pair in pairs:
+        target, sep, value = pair.partition("=")
+        udf_name, dot, key = target.rpartition(".")
+        if not sep or not dot or not udf_name or not key:
+            raise LaionRayError(f"--param expects UDF.KEY=VALUE, got {pair!r}")
+        try:
+            parsed: object = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        params.setdefault(udf_name, {})[key] = parsed
+    return params
+
+
+@command(
+    "backfill",
+    help="compute UDF columns over a dataset and write them back, resumably",
+    example=(
+        "laion-ray backfill ./laion.lance --udf aspect-ratio --udf moderation-rules "
+        "--param moderation-rules.nsfw_threshold=0.8 --tag v2"
+    ),
+)
+def _backfill_args(p: argparse.ArgumentParser) -> None:
+    from laion_ray.engine.run import COMMIT_EVERY_S
+
+    p.add_argument("uri")
+    p.add_argument(
+        "--udf",
+        action="append",
+        required=True,
+        help="built-in name (see `laion-ray udfs`) or package.module:Name; repeat to fuse",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="UDF.KEY=VALUE",
+        help="UDF parameter, e.g. moderation-rules.nsfw_threshold=0.8 (JSON values)",
+    )
+    p.add_argument("--where", help="SQL filter; other rows keep their value (null when new)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing columns in place")
+    p.add_argument("--retry-errors", action="store_true", help="recompute rows that failed before")
+    p.add_argument("--max-error-fraction", type=float, default=0.01)
+    p.add_argument("--tag", help="tag the resulting version")
+    p.add_argument("--batch-size", type=int, help="rows per UDF call (default: per UDF)")
+    p.add_argument("--concurrency", type=int, help="actors per model stage")
+    p.add_argument("--unit-rows", type=int, help="rows per work unit (checkpoint granularity)")
+    p.add_argument("--commit-every", type=float, default=COMMIT_EVERY_S, metavar="SECONDS")
+    p.add_argument(
+        "--checkpoint-uri", help="where checkpoints/errors live (default URI/_laion_ray)"
+    )
+    p.add_argument("--report", metavar="FILE", help="write the final summary as JSON")
+    _ray_flags(p)
+    _storage_flags(p)
+
+
+@_backfill_args
+def _backfill(args: argparse.Namespace) -> None:
+    from laion_ray.backfill import backfill
+
+    report = backfill(
+        args.uri,
+        udfs=args.udf,
+        udf_params=_parse_params(args.param),
+        where=args.where,
+        overwrite=args.overwrite,
+        retry_errors=args.retry_errors,
+        max_error_fraction=args.max_error_fraction,
+        tag=args.tag,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        unit_rows=args.unit_rows,
+        commit_every_s=args.commit_every,
+        checkpoint_uri=args.checkpoint_uri,
+        report_path=args.report,
+        storage_options=_storage(args),
+        address=args.address,
+    )
+    print(report.summary())
+
+
+@command("udfs", help="list the built-in UDFs", example="laion-ray udfs")
+def _udfs_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+@_udfs_args
+def _udfs(args: argparse.Namespace) -> None:
+    from laion_ray.udf import registered_names
+
+    print("\n".join(registered_names()))
+
+
+@command(
+    "errors",
+    help="list rows that UDFs failed on (key, UDF, error)",
+    example="laion-ray errors ./laion.lance --udf clip-preprocess --limit 20",
+)
+def _errors_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri")
+    p.add_argument("--udf", help="only this UDF stage")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--checkpoint-uri")
+    _storage_flags(p)
+
+
+@_errors_args
+def _errors(args: argparse.Namespace) -> None:
+    from laion_ray.error_log import checkpoint_root, list_errors
+    from laion_ray.storage import open_dataset
+
+    open_dataset(args.uri, storage_options=_storage(args))  # a clear error for a bad URI
+    table = list_errors(
+        checkpoint_root(args.uri, args.checkpoint_uri),
+        udf=args.udf,
+        limit=args.limit,
+        storage_options=_storage(args),
+    )
+    rows = table.to_pylist()
+    if args.json:
+        _print_json(rows)
+        return
+    if not rows:
+        print("no errors recorded")
+    for r in rows:
+        print(f"key={r['key']}  {r['udf']}  {r['error_type']}: {r['message']}")
+
+
+@command(
+    "history",
+    help="list the laion-ray jobs committed to a dataset",
+    example="laion-ray history ./laion.lance",
+)
+def _history_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri")
+    p.add_argument("--json", action="store_true")
+    _storage_flags(p)
+
+
+@_history_args
+def _history(args: argparse.Namespace) -> None:
+    from laion_ray.history import format_history, job_history
+
+    entries = job_history(args.uri, storage_options=_storage(args))
+    if args.json:
+        _print_json(entries)
+    else:
+        print(format_history(entries))
+
+
+# --- reindex / search / demo (laion_ray.index, laion_ray.search) ------------
+
+
+def _reindex_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--column", default="img_emb", help="vector column (default img_emb)")
+    p.add_argument("--partitions", type=int, help="IVF partitions (default: about sqrt(rows))")
+    p.add_argument("--sub-vectors", type=int, help="PQ sub-vectors, must divide the dimension")
+    p.add_argument("--metric", default="l2", choices=["l2", "cosine", "dot"])
+    p.add_argument("--sample-rate", type=int, default=256, help="training rows per centroid")
+    p.add_argument("--min-recall", type=float, help="keep the old index if recall@10 is lower")
+    p.add_argument("--tag", help="tag the committed version")
+    p.add_argument("--num-workers", type=int, help="parallel index segments (default: CPUs)")
+    p.add_argument("--report", help="write the report JSON here")
+    p.add_argument("--plot", help="write the recall-latency PNG here")
+
+
+@command(
+    "reindex",
+    help="rebuild the IVF_PQ index on Ray, report recall, swap it in atomically",
+    example="laion-ray reindex ./laion.lance --column img_emb --min-recall 0.9 --plot r.png",
+)
+def _reindex_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri")
+    _reindex_flags(p)
+    _storage_flags(p)
+    _ray_flags(p)
+
+
+@_reindex_args
+def _reindex(args: argparse.Namespace) -> int:
+    from laion_ray.index import reindex
+    from laion_ray.ray_env import ensure_ray
+
+    ensure_ray(args.address)
+    report = reindex(
+        args.uri,
+        column=args.column,
+        partitions=args.partitions,
+        sub_vectors=args.sub_vectors,
+        metric=args.metric,
+        sample_rate=args.sample_rate,
+        min_recall=args.min_recall,
+        tag=args.tag,
+        num_workers=args.num_workers,
+        storage_options=_storage(args),
+        report_path=args.report,
+        plot_path=args.plot,
+    )
+    print(report.summary())
+    return 0 if report.swapped else 1
+
+
+@command(
+    "search",
+    help="ANN search by row, .npy vector or CLIP text; prints similarity, caption, url",
+    example="laion-ray search ./laion.lance --row 42 --k 10 --where '\"NSFW\" = 0'",
+)
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--row", type=int, help="use this row's vector as the query")
+    q.add_argument("--vector", help=".npy file holding one query vector")
+    q.add_argument("--text", help="text query, encoded with --model")
+    p.add_argument("--model", help="CLIP model NAME[:PRETRAINED or checkpoint path]")
+    p.add_argument("--column", default="img_emb")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--where", help="SQL prefilter, e.g. '\"NSFW\" = 0 AND similarity > 0.3'")
+    p.add_argument("--nprobes", type=int, default=20)
+    p.add_argument("--refine-factor", type=int)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _storage_flags(p)
+
+
+@_search_args
+def _search(args: argparse.Namespace) -> None:
+    from laion_ray.search import format_hits, search
+
+    hits = search(
+        args.uri,
+        row=args.row,
+        vector=args.vector,
+        text=args.text,
+        model=args.model,
+        k=args.k,
+        where=args.where,
+        nprobes=args.nprobes,
+        refine_factor=args.refine_factor,
+        column=args.column,
+        storage_options=_storage(args),
+    )
+    if args.json:
+        _print_json(hits)
+    else:
+        print(format_hits(hits))
+
+
+@command(
+    "demo",
+    help="write a small vector sample, rebuild its index on Ray and run a search",
+    example="laion-ray demo --out /tmp/laion-demo.lance --rows 5000",
+)
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="dataset URI to create (default: a temporary directory)")
+    p.add_argument("--rows", type=int, default=5000)
+    _ray_flags(p)
+
+
+@_demo_args
+def _demo(args: argparse.Namespace) -> None:
+    import os
+    import tempfile
+
+    from laion_ray.index import reindex
+    from laion_ray.ray_env import ensure_ray
+    from laion_ray.search import format_hits, search, write_demo_dataset
+
+    uri = args.out or os.path.join(tempfile.mkdtemp(prefix="laion-demo-"), "demo.lance")
+    if os.path.exists(uri):
+        raise LaionRayError(f"--out {uri} already exists")
+    write_demo_dataset(uri, rows=args.rows)
+    ensure_ray(args.address)
+    print(reindex(uri).summary())
+    print(f"\nnearest to row 42 among NSFW = 0 rows in {uri}:")
+    print(format_hits(search(uri, row=42, k=5, where='"NSFW" = 0', refine_factor=10)))
+
+
+# --- materialize --------------------------------------------------------------
+
+
+@command(
+    "materialize",
+    help="stream a filtered subset of a (remote) Lance dataset into a new dataset",
+    example=(
+        "laion-ray materialize hf://datasets/lance-format/laion-1m/data/train.lance "
+        "./laion-subset/train.lance --where '\"NSFW\" = 0 AND similarity > 0.35 AND width >= 512' "
+        "--columns key,image,caption,url,img_emb"
+    ),
+)
+def _materialize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="source dataset URI (local, s3://, hf://...)")
+    p.add_argument("dest", help="dataset URI to create (must not exist)")
+    p.add_argument(
+        "--where",
+        help='SQL filter; "Col" (LanceDB quoting) and `Col` both name a column',
+    )
+    p.add_argument("--columns", help="comma-separated columns to keep (default: all)")
+    p.add_argument("--limit", type=int, help="keep at most N matching rows")
+    p.add_argument("--batch-rows", type=int, default=8192, help="rows per streamed batch")
+    _storage_flags(p)
+    p.add_argument(
+        "--dest-storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        default=None,
+        help="object-store option for DEST (repeatable; default: the --storage-option values)",
+    )
+
+
+@_materialize_args
+def _materialize(args: argparse.Namespace) -> None:
+    from laion_ray.materialize import materialize
+    from laion_ray.storage import parse_storage_options
+
+    columns = (
+        [c.strip() for c in args.columns.split(",") if c.strip()]
+        if args.columns is not None
+        else None
+    )
+    report = materialize(
+        args.src,
+        args.dest,
+        where=args.where,
+        columns=columns,
+        limit=args.limit,
+        storage_options=_storage(args),
+        dest_storage_options=(
+            None
+            if args.dest_storage_option is None
+            else parse_storage_options(args.dest_storage_option)
+        ),
+        batch_rows=args.batch_rows,
+    )
+    print(report.summary())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,8 @@ import pyarrow as pa
 
 from laion_ray.storage import join_uri, resolve_storage_options
 
-ERROR_LOG_SCHEMA = pa.schema(
+# What a failed row records; the log adds the job and the time.
+ERROR_SCHEMA = pa.schema(
     [
         ("key", pa.int64()),
         ("fragment_id", pa.int64()),
@@ -23,9 +24,10 @@ ERROR_LOG_SCHEMA = pa.schema(
         ("udf", pa.string()),
         ("error_type", pa.string()),
         ("message", pa.string()),
-        ("job", pa.string()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
     ]
+)
+ERROR_LOG_SCHEMA = ERROR_SCHEMA.append(pa.field("job", pa.string())).append(
+    pa.field("created_at", pa.timestamp("us", tz="UTC"))
 )
 
 
@@ -100,7 +102,7 @@ def failed_keys_by_fragment(
         return {}
     table = ds.to_table(columns=["key", "fragment_id"], filter=f"udf IN ({_quote(udfs)})")
     grouped: dict[int, list[int]] = defaultdict(list)
-    for key, frag in zip(table["key"].to_pylist(), table["fragment_id"].to_pylist()):
+    for key, frag in zip(table["key"].to_pylist(), table["fragment_id"].to_pylist(), strict=False):
         if key is not None:
             grouped[frag].append(key)
     return dict(grouped)

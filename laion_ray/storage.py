@@ -7,6 +7,7 @@ dataset.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlparse
@@ -109,7 +110,5 @@ def filesystem(uri: str, storage_options: Mapping[str, str] | None = None):
 def remove_tree(uri: str, storage_options: Mapping[str, str] | None = None) -> None:
     """Delete a directory tree (checkpoints of a finished job); missing is fine."""
     fs, path = filesystem(uri, storage_options)
-    try:
+    with contextlib.suppress(FileNotFoundError, OSError):
         fs.delete_dir(path)
-    except (FileNotFoundError, OSError):
-        pass

@@ -17,20 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance.file import LanceFileReader, LanceFileWriter
 
+from laion_ray.error_log import ERROR_SCHEMA
 from laion_ray.storage import join_uri, open_dataset, resolve_storage_options
 
 from .plan import ERROR_PREFIX, ROWADDR, WorkUnit
-
-ERROR_SCHEMA = pa.schema(
-    [
-        ("key", pa.int64()),
-        ("fragment_id", pa.int64()),
-        ("row_offset", pa.int64()),
-        ("udf", pa.string()),
-        ("error_type", pa.string()),
-        ("message", pa.string()),
-    ]
-)
 
 
 @dataclasses.dataclass
@@ -134,4 +124,6 @@ def assemble_fragment(
             errors.extend(_error_rows(part, fragment_id))
         writer.write_batch(current)
     writer.close()
-    return AssembledFragment(fragment_id, file_name, pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
+    return AssembledFragment(
+        fragment_id, file_name, pa.Table.from_pylist(errors, schema=ERROR_SCHEMA)
+    )

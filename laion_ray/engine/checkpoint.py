@@ -29,7 +29,7 @@ from lance.file import LanceFileWriter
 
 from laion_ray.storage import filesystem, join_uri, resolve_storage_options
 
-from .plan import ERROR_PREFIX, UNIT, UNIT_ROWS, FragmentState
+from .plan import ERROR_PREFIX, KEEP, UNIT, UNIT_ROWS, FragmentState
 
 RECORD_SCHEMA = pa.schema(
     [
@@ -59,16 +59,26 @@ def write_parts(
     columns: Sequence[str],
     storage_options: Mapping[str, str] | None,
 ) -> pa.Table:
-    """Ray Data stage: persist a batch's rows per unit, return ledger records."""
+    """Ray Data stage: persist a batch's rows per unit, return ledger records.
+
+    Rows with ``_keep`` false count towards their unit but are not stored, so
+    the fragment keeps its current value there.
+    """
     if isinstance(batch, pa.RecordBatch):
         batch = pa.Table.from_batches([batch])
     opts = resolve_storage_options(storage_options)
     records = []
     units = batch[UNIT].to_numpy()
     errors = _error_counts(batch)
+    keep = (
+        batch[KEEP].to_numpy(zero_copy_only=False).astype(bool)
+        if KEEP in batch.column_names
+        else np.ones(batch.num_rows, dtype=bool)
+    )
     for unit in np.unique(units):
         rows = np.flatnonzero(units == unit)
-        part = batch.take(pa.array(rows)).select(list(columns))
+        stored = rows[keep[rows]]
+        part = batch.take(pa.array(stored)).select(list(columns))
         path = join_uri(job_uri, "parts", str(int(unit)), f"{uuid.uuid4().hex}.lance")
         writer = LanceFileWriter(path, part.schema, storage_options=opts)
         writer.write_batch(part)

@@ -39,8 +39,15 @@ class FragmentState:
     input_files: tuple[str, ...]
 
 
+KEEP = "_keep"  # optional: rows computed but with no new value (e.g. unmatched keys)
+
+
+def error_column_name(producer: str) -> str:
+    return f"{ERROR_PREFIX}{producer}"
+
+
 def error_column(stage: UDF) -> str:
-    return f"{ERROR_PREFIX}{stage.name}"
+    return error_column_name(stage.name)
 
 
 def dataset_inputs(stages: Sequence[UDF], schema_names: Iterable[str]) -> list[str]:
@@ -87,11 +94,7 @@ def default_unit_rows(input_columns: Sequence[str], schema) -> int:
     return IMAGE_UNIT_ROWS if wide else SCALAR_UNIT_ROWS
 
 
-def job_fingerprint(stages: Sequence[UDF], **options: object) -> str:
-    """Identity of a job: checkpoints are reused only by the same computation."""
-    payload = json.dumps(
-        {"stages": [s.key + s.output_schema.to_string() for s in stages], **options},
-        sort_keys=True,
-        default=str,
-    )
+def job_fingerprint_of(identity: str, **options: object) -> str:
+    """Checkpoint key: reused only by the same computation with the same options."""
+    payload = json.dumps({"identity": identity, **options}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]

@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from laion_ray.udf import UDF
 
@@ -30,7 +29,9 @@ def _check_output(stage: UDF, out: pa.Table, rows: int) -> pa.Table:
     if isinstance(out, pa.RecordBatch):
         out = pa.Table.from_batches([out])
     if not isinstance(out, pa.Table):
-        raise UDFContractError(f"UDF {stage.name} returned {type(out).__name__}, not a pyarrow Table")
+        raise UDFContractError(
+            f"UDF {stage.name} returned {type(out).__name__}, not a pyarrow Table"
+        )
     if out.num_rows != rows:
         raise UDFContractError(f"UDF {stage.name} returned {out.num_rows} rows for {rows} inputs")
     try:
@@ -102,7 +103,9 @@ def apply_stage(
     for row, message in failures:
         errors[int(todo[row])] = message
     if failures:
-        log.debug("%s: %d failing rows isolated in a batch of %d", stage.name, len(failures), len(todo))
+        log.debug(
+            "%s: %d failing rows isolated in a batch of %d", stage.name, len(failures), len(todo)
+        )
     # Scatter back: row i takes output position[i], or the trailing null row.
     position = np.full(batch.num_rows, len(todo), dtype=np.int64)
     position[todo] = np.arange(len(todo))
@@ -112,15 +115,6 @@ def apply_stage(
     for name in stage.outputs:
         result = result.append_column(stage.output_schema.field(name), scattered[name])
     return result.append_column(error_column(stage), pa.array(errors, pa.string()))
-
-
-def failed_mask(batch: pa.Table) -> pa.Array:
-    """True where any stage recorded an error for the row."""
-    mask = pa.array(np.zeros(batch.num_rows, dtype=bool))
-    for name in batch.column_names:
-        if name.startswith("_error:"):
-            mask = pc.or_(mask, pc.is_valid(batch[name]))
-    return mask
 
 
 class ActorStage:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from laion_ray.udf import UDF, register, udf
+from laion_ray.udf import UDF, register
 
 MODERATION_RULES_SCHEMA = pa.schema([pa.field("moderation_label", pa.string())])
 
