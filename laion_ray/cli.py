@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from laion_ray.errors import LaionRayError
+from laion_ray.errors import LaionRayError, brief
 
 Handler = Callable[[argparse.Namespace], int | None]
 _COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], Handler]] = []
@@ -121,6 +121,29 @@ def _info(args: argparse.Namespace) -> None:
 
 
 # --- more subcommands are registered below this line ------------------------
+
+
+# --- demo -------------------------------------------------------------------
+
+
+@command(
+    "demo",
+    help="run every job on a generated sample with local Ray (random-weight CLIP)",
+    example="laion-ray demo --dir ./laion-ray-demo --rows 1000",
+)
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", default="./laion-ray-demo", help="working directory (recreated)")
+    p.add_argument("--rows", type=int, default=1000)
+    _ray_flags(p)
+
+
+@_demo_args
+def _demo(args: argparse.Namespace) -> None:
+    from laion_ray.demo import run_demo
+
+    if args.rows < 100:
+        raise LaionRayError(f"--rows must be at least 100 for the index step, got {args.rows}")
+    run_demo(args.dir, rows=args.rows, address=args.address)
 
 
 # --- backfill / errors / history --------------------------------------------
@@ -374,36 +397,6 @@ def _search(args: argparse.Namespace) -> None:
         print(format_hits(hits))
 
 
-@command(
-    "demo",
-    help="write a small vector sample, rebuild its index on Ray and run a search",
-    example="laion-ray demo --out /tmp/laion-demo.lance --rows 5000",
-)
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", help="dataset URI to create (default: a temporary directory)")
-    p.add_argument("--rows", type=int, default=5000)
-    _ray_flags(p)
-
-
-@_demo_args
-def _demo(args: argparse.Namespace) -> None:
-    import os
-    import tempfile
-
-    from laion_ray.index import reindex
-    from laion_ray.ray_env import ensure_ray
-    from laion_ray.search import format_hits, search, write_demo_dataset
-
-    uri = args.out or os.path.join(tempfile.mkdtemp(prefix="laion-demo-"), "demo.lance")
-    if os.path.exists(uri):
-        raise LaionRayError(f"--out {uri} already exists")
-    write_demo_dataset(uri, rows=args.rows)
-    ensure_ray(args.address)
-    print(reindex(uri).summary())
-    print(f"\nnearest to row 42 among NSFW = 0 rows in {uri}:")
-    print(format_hits(search(uri, row=42, k=5, where='"NSFW" = 0', refine_factor=10)))
-
-
 # --- materialize --------------------------------------------------------------
 
 
@@ -491,12 +484,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             datefmt="%H:%M:%S",
         )
         return int(args.handler(args) or 0)
-    except LaionRayError as exc:
-        print(f"laion-ray: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("laion-ray: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # Ray re-raises a worker's error wrapped; the user's mistake may be inside.
+        user_error = _find_user_error(exc)
+        if user_error is not None:
+            print(f"laion-ray: error: {user_error}", file=sys.stderr)
+            return 2
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        print(f"laion-ray: failed: {brief(exc)} (rerun with -v for details)", file=sys.stderr)
+        return 1
+
+
+def _find_user_error(exc: BaseException | None) -> LaionRayError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, LaionRayError):
+            return exc
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

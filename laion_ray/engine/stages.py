@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from laion_ray.errors import LaionRayError
 from laion_ray.udf import UDF
 
 from .plan import error_column
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 500
 
 
-class UDFContractError(RuntimeError):
+class UDFContractError(LaionRayError):
     """The UDF returned the wrong schema or row count: a bug, not a bad row."""
 
 
