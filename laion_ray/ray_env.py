@@ -24,9 +24,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         log.info("attaching to Ray at %s", address)
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(
-            address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False
-        )
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     # Our own progress reporting replaces Ray Data's bars.
     ctx.enable_progress_bars = False

@@ -82,9 +82,7 @@ class UDF:
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(
-            (self.key + self.output_schema.to_string()).encode()
-        ).hexdigest()[:16]
+        return hashlib.sha256((self.key + self.output_schema.to_string()).encode()).hexdigest()[:16]
 
     def with_options(self, **changes: Any) -> UDF:
         """Copy with other resources or parameters (``params`` are merged)."""
