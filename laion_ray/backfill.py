@@ -78,37 +78,59 @@ def _output_schema(stages: Sequence[UDF]) -> pa.Schema:
 
 
 def _stage_pipeline(stages: Sequence[UDF]):
-    """The job's transform: each stage keeps only what later stages still need."""
+    """The job's transform: function UDFs run as tasks, class UDFs as actor pools.
+
+    Consecutive function stages with the same resources share one task per
+    block; each stage keeps only the columns later stages still need.
+    """
 
     def transform(data):
-        from laion_ray.engine.stages import ActorStage, task_stage
+        from laion_ray.engine.stages import MAX_RETRIES, ActorStage, task_stages
 
         produced: set[str] = set()
+        group: list[tuple[UDF, set[str], list[str]]] = []
+
+        def flush(data):
+            if group:
+                first = group[0][0]
+                data = data.map_batches(
+                    task_stages,
+                    fn_kwargs=dict(steps=list(group)),
+                    batch_size=None,
+                    batch_format="pyarrow",
+                    num_cpus=first.num_cpus,
+                    num_gpus=first.num_gpus or None,
+                    max_retries=MAX_RETRIES,
+                )
+                group.clear()
+            return data
+
         for i, stage in enumerate(stages):
             later = [c for s in stages[i + 1 :] for c in s.inputs]
             so_far = [c for s in stages[:i] for c in (*s.stored_outputs, error_column(s))]
-            args = dict(
-                stage=stage,
-                upstream=set(produced),
-                keep=[ROWADDR, UNIT, UNIT_ROWS, KEY, *so_far, *later],
-            )
-            common = dict(
-                batch_size=stage.batch_size,
-                batch_format="pyarrow",
-                num_cpus=stage.num_cpus,
-                num_gpus=stage.num_gpus or None,
-            )
+            keep = [ROWADDR, UNIT, UNIT_ROWS, KEY, *so_far, *later]
             if stage.is_actor:
+                data = flush(data)
                 data = data.map_batches(
                     ActorStage,
-                    fn_constructor_kwargs=args,
+                    fn_constructor_kwargs=dict(stage=stage, upstream=set(produced), keep=keep),
+                    batch_size=stage.batch_size,
+                    batch_format="pyarrow",
+                    num_cpus=stage.num_cpus,
+                    num_gpus=stage.num_gpus or None,
                     concurrency=stage.concurrency or 1,
-                    **common,
+                    max_restarts=MAX_RETRIES,
+                    max_task_retries=MAX_RETRIES,
                 )
             else:
-                data = data.map_batches(task_stage, fn_kwargs=args, **common)
+                if group and (group[0][0].num_cpus, group[0][0].num_gpus) != (
+                    stage.num_cpus,
+                    stage.num_gpus,
+                ):
+                    data = flush(data)
+                group.append((stage, set(produced), keep))
             produced.update(stage.outputs)
-        return data
+        return flush(data)
 
     return transform
 

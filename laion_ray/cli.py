@@ -123,6 +123,99 @@ def _info(args: argparse.Namespace) -> None:
 # --- more subcommands are registered below this line ------------------------
 
 
+# --- merge (laion_ray.merge) --------------------------------------------------
+
+
+@command(
+    "merge",
+    help="attach or update columns from a Parquet/CSV/JSONL/Lance table, joined on a key",
+    example=(
+        "laion-ray merge ./laion.lance --from labels.parquet --on key --columns aesthetic "
+        "--unmatched-out unmatched.csv --tag labels-v1"
+    ),
+)
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    from laion_ray.engine.run import COMMIT_EVERY_S
+    from laion_ray.merge import BROADCAST_MAX_BYTES, FORMATS
+
+    p.add_argument("uri")
+    p.add_argument(
+        "--from",
+        dest="source",
+        action="append",
+        required=True,
+        metavar="SOURCE",
+        help="file, directory, glob or .lance dataset (local or s3://); repeatable",
+    )
+    p.add_argument("--on", default="key", help="key column in both tables (default key)")
+    p.add_argument("--columns", help="comma-separated source columns (default: all but the key)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="update existing columns (matched rows only)"
+    )
+    p.add_argument(
+        "--cast",
+        action="store_true",
+        help="allow safe casts (int32->int64, '12'->12) of key/columns",
+    )
+    p.add_argument("--tag", help="tag the resulting version")
+    p.add_argument(
+        "--unmatched-out", metavar="FILE", help="write unmatched source keys (.parquet/.csv)"
+    )
+    p.add_argument("--format", choices=FORMATS, help="source format (default: by extension)")
+    p.add_argument(
+        "--broadcast-max-bytes",
+        type=int,
+        default=BROADCAST_MAX_BYTES,
+        help="sources up to this size are broadcast, larger ones joined by a shuffle",
+    )
+    p.add_argument("--num-partitions", type=int, help="buckets of the shuffle join")
+    p.add_argument("--unit-rows", type=int, help="rows per work unit (checkpoint granularity)")
+    p.add_argument("--commit-every", type=float, default=COMMIT_EVERY_S, metavar="SECONDS")
+    p.add_argument("--checkpoint-uri", help="where checkpoints live (default URI/_laion_ray)")
+    p.add_argument("--report", metavar="FILE", help="write the report as JSON")
+    p.add_argument(
+        "--source-storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        default=None,
+        help="object-store option for the source (default: the --storage-option values)",
+    )
+    _ray_flags(p)
+    _storage_flags(p)
+
+
+@_merge_args
+def _merge(args: argparse.Namespace) -> None:
+    from laion_ray.merge import merge
+    from laion_ray.storage import parse_storage_options
+
+    report = merge(
+        args.uri,
+        source=args.source,
+        on=args.on,
+        columns=[c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None,
+        overwrite=args.overwrite,
+        cast=args.cast,
+        tag=args.tag,
+        unmatched_out=args.unmatched_out,
+        source_format=args.format,
+        storage_options=_storage(args),
+        source_storage_options=(
+            None
+            if args.source_storage_option is None
+            else parse_storage_options(args.source_storage_option)
+        ),
+        address=args.address,
+        unit_rows=args.unit_rows,
+        checkpoint_uri=args.checkpoint_uri,
+        report_path=args.report,
+        broadcast_max_bytes=args.broadcast_max_bytes,
+        num_partitions=args.num_partitions,
+        commit_every_s=args.commit_every,
+    )
+    print(report.summary())
+
+
 # --- demo -------------------------------------------------------------------
 
 

@@ -28,7 +28,9 @@ def _step(lines: list[str], title: str, fn: Callable[[], str]) -> None:
     print(lines[-1], flush=True)
 
 
-def run_demo(directory: str = "./laion-ray-demo", *, rows: int = 1000, address: str | None = None) -> list[str]:
+def run_demo(
+    directory: str = "./laion-ray-demo", *, rows: int = 1000, address: str | None = None
+) -> list[str]:
     """Generate a sample and run sample -> backfill -> re-embed -> merge -> reindex -> search.
 
     Returns the printed account, one line per step.

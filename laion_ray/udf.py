@@ -31,6 +31,10 @@ from laion_ray.errors import LaionRayError
 # Columns whose name starts with this are passed between the stages of one run
 # and never written to the dataset (e.g. decoded pixels).
 INTERMEDIATE_PREFIX = "_"
+# Default CPUs of a function UDF; reads and checkpoint writes ask the same, so
+# Ray Data fuses read -> functions -> write into one task, and fractional CPUs
+# keep read tasks from starving next to model actors on small machines.
+TASK_CPUS = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +61,7 @@ class UDF:
     output_schema: pa.Schema
     compute: Callable[..., Any]
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    num_cpus: float = 0.5
+    num_cpus: float = TASK_CPUS
     num_gpus: float = 0.0
     batch_size: int = 4096
     concurrency: int | tuple[int, int] | None = None
@@ -105,7 +109,7 @@ def udf(
     outputs: pa.Schema,
     name: str | None = None,
     version: str = "1",
-    num_cpus: float = 0.5,
+    num_cpus: float = TASK_CPUS,
     num_gpus: float = 0.0,
     batch_size: int = 4096,
     concurrency: int | tuple[int, int] | None = None,

@@ -85,3 +85,45 @@ def key_embedding(batch: pa.Table) -> pa.Table:
     vectors[np.arange(len(keys)), keys % EMB_DIM] = 1.0
     flat = pa.array(vectors.reshape(-1))
     return pa.table({"img_emb": pa.FixedSizeListArray.from_arrays(flat, EMB_DIM)})
+
+
+@udf(
+    inputs=["key"],
+    outputs=pa.schema([("survivor", pa.int64())]),
+    name="die-once-at",
+    batch_size=64,
+)
+def die_once_at(batch: pa.Table, marker: str) -> pa.Table:
+    """``die_once`` with the marker path as a UDF parameter.
+
+    A Ray worker's environment is fixed when its cluster starts, so a test on the
+    session Ray cannot reach ``die_once`` through an env var it sets later.
+    """
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    return pa.table({"survivor": pc.add(batch["key"], 1)})
+
+
+@udf(
+    inputs=["key", "width", "height"],
+    outputs=pa.schema([("ar_held", pa.float64())]),
+    name="held-ratio",
+    batch_size=50,
+)
+def held_ratio(
+    batch: pa.Table, gate: str = "", delay: float = 0.0, timeout_s: float = 120.0
+) -> pa.Table:
+    """Aspect ratio that waits for the file ``gate`` to exist, then sleeps ``delay`` s.
+
+    Lets a test hold a backfill between its plan and its commit without timing
+    races. It never raises on timeout (that would bisect the batch row by row);
+    the test's own assertions catch a gate that never opened.
+    """
+    deadline = time.monotonic() + timeout_s
+    while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(delay)
+    width = pc.cast(batch["width"], pa.float64())
+    height = pc.cast(batch["height"], pa.float64())
+    return pa.table({"ar_held": pc.if_else(pc.greater(height, 0), pc.divide(width, height), None)})

@@ -29,7 +29,15 @@ def _reference(table: pa.Table) -> pa.Table:
 
 def _assert_matches_reference(uri: str) -> None:
     table = lance.dataset(uri).to_table(
-        columns=["key", "width", "height", "NSFW", "aspect_ratio", "is_high_res", "moderation_label"]
+        columns=[
+            "key",
+            "width",
+            "height",
+            "NSFW",
+            "aspect_ratio",
+            "is_high_res",
+            "moderation_label",
+        ]
     )
     expected = _reference(table)
     for name in ("aspect_ratio", "is_high_res", "moderation_label"):
@@ -77,16 +85,18 @@ def test_where_leaves_other_rows_null(many_fragments):
     table = lance.dataset(many_fragments).to_table(columns=["NSFW", "aspect_ratio", "width"])
     nsfw = np.array(table["NSFW"].to_pylist())
     ratio = table["aspect_ratio"].to_pylist()
-    assert all(r is None for r, n in zip(ratio, nsfw) if n == 1)
-    assert all(r is not None for r, n, w in zip(ratio, nsfw, table["width"].to_pylist()) if n == 0 and w)
+    assert all(r is None for r, n in zip(ratio, nsfw, strict=False) if n == 1)
+    assert all(
+        r is not None
+        for r, n, w in zip(ratio, nsfw, table["width"].to_pylist(), strict=False)
+        if n == 0 and w
+    )
 
 
 def test_incremental_rerun_fills_only_appended_rows(many_fragments):
     first = backfill(many_fragments, udfs=["aspect-ratio"])
     assert first.rows_processed == 600
-    lance.write_dataset(
-        sample_table(120, seed=9, start_key=10_000), many_fragments, mode="append"
-    )
+    lance.write_dataset(sample_table(120, seed=9, start_key=10_000), many_fragments, mode="append")
     second = backfill(many_fragments, udfs=["aspect-ratio"])
     assert second.rows_processed == 120
     table = lance.dataset(many_fragments).to_table(columns=["aspect_ratio", "width", "height"])
@@ -103,8 +113,10 @@ def test_existing_column_needs_overwrite_and_overwrite_replaces_in_place(many_fr
     assert ds.schema.field("img_emb").type == emb_type == pa.list_(pa.float32(), 768)
     table = ds.to_table(columns=["key", "img_emb"])
     old = sample_table(600, seed=1)
-    old_emb = dict(zip(old["key"].to_pylist(), old["img_emb"].to_numpy(zero_copy_only=False)))
-    for key, emb in zip(table["key"].to_pylist(), table["img_emb"].to_pylist()):
+    old_emb = dict(
+        zip(old["key"].to_pylist(), old["img_emb"].to_numpy(zero_copy_only=False), strict=False)
+    )
+    for key, emb in zip(table["key"].to_pylist(), table["img_emb"].to_pylist(), strict=False):
         if key < 300:
             assert emb.index(1.0) == key % 768 and sum(emb) == 1.0
         else:  # outside --where: the old embedding is kept
@@ -119,7 +131,7 @@ def test_bad_rows_get_null_and_error_records(many_fragments):
     bad = [k for k in range(600) if k % 97 == 5]
     assert report.rows_failed == len(bad)
     table = lance.dataset(many_fragments).to_table(columns=["key", "key_check"])
-    values = dict(zip(table["key"].to_pylist(), table["key_check"].to_pylist()))
+    values = dict(zip(table["key"].to_pylist(), table["key_check"].to_pylist(), strict=False))
     # Only the bad rows are null: bisection kept the rest of each batch.
     assert [k for k, v in values.items() if v is None] == bad
     assert all(values[k] == 2 * k for k in values if k not in bad)
@@ -137,6 +149,11 @@ def test_bad_rows_get_null_and_error_records(many_fragments):
     )
     assert retried.rows_processed == len(bad)
     assert sorted(list_errors(checkpoint_root(many_fragments))["key"].to_pylist()) == bad
+    # Rows the retry did not touch keep their values in the fragments it rewrote.
+    table = lance.dataset(many_fragments).to_table(columns=["key", "key_check"])
+    values = dict(zip(table["key"].to_pylist(), table["key_check"].to_pylist(), strict=True))
+    assert [k for k, v in values.items() if v is None] == bad
+    assert all(values[k] == 2 * k for k in values if k not in bad)
 
 
 def test_error_fraction_limit_commits_nothing(many_fragments):

@@ -20,6 +20,7 @@ from lance.file import LanceFileReader, LanceFileWriter
 from laion_ray.error_log import ERROR_SCHEMA
 from laion_ray.storage import join_uri, open_dataset, resolve_storage_options
 
+from .commit import check_unchanged
 from .plan import ERROR_PREFIX, ROWADDR, WorkUnit
 
 
@@ -43,23 +44,28 @@ def _read_parts(paths: Sequence[str], opts: Mapping[str, str]) -> pa.Table | Non
     return table.filter(pa.array(keep))
 
 
-def _current_values(ds, unit: WorkUnit, schema: pa.Schema, overwrite: Sequence[str]) -> pa.Table:
-    """The unit's present values: nulls for new columns, stored ones for overwrites."""
+def _current_values(ds, unit: WorkUnit, schema: pa.Schema) -> pa.Table:
+    """The unit's stored values: rows this job did not compute keep them.
+
+    A column added by this job reads as null; one that exists (incremental
+    fill, overwrite) keeps its values outside the rows in the parts.
+    """
     rows = unit.end - unit.start
     columns = {f.name: pa.nulls(rows, f.type) for f in schema}
-    if overwrite:
+    existing = [f.name for f in schema if f.name in ds.schema.names]
+    if existing:
         base = unit.fragment_id << 32
         stored = (
             ds.get_fragment(unit.fragment_id)
             .scanner(
-                columns=list(overwrite),
+                columns=existing,
                 with_row_address=True,
                 filter=f"{ROWADDR} >= {base + unit.start} AND {ROWADDR} < {base + unit.end}",
             )
             .to_table()
         )
         offsets = stored[ROWADDR].to_numpy().astype(np.int64) - base - unit.start
-        for name in overwrite:
+        for name in existing:
             columns[name] = _scatter(columns[name], offsets, stored[name])
     return pa.table(columns, schema=schema)
 
@@ -99,8 +105,8 @@ def assemble_fragment(
     uri: str,
     fragment_id: int,
     units: Sequence[tuple[WorkUnit, Sequence[str]]],
+    physical_rows: int,
     schema: pa.Schema,
-    overwrite: Sequence[str],
     storage_options: Mapping[str, str] | None,
 ) -> AssembledFragment:
     """Write ``schema``'s columns for every physical row of ``fragment_id``.
@@ -109,11 +115,12 @@ def assemble_fragment(
     """
     opts = resolve_storage_options(storage_options)
     ds = open_dataset(uri, storage_options=opts)
+    check_unchanged(ds, fragment_id, physical_rows)
     file_name = f"{uuid.uuid4().hex}.lance"
     writer = LanceFileWriter(join_uri(uri, "data", file_name), schema, storage_options=opts)
     errors: list[dict] = []
     for unit, paths in sorted(units, key=lambda u: u[0].start):
-        current = _current_values(ds, unit, schema, overwrite)
+        current = _current_values(ds, unit, schema)
         part = _read_parts(paths, opts)
         if part is not None and part.num_rows:
             offsets = part[ROWADDR].to_numpy().astype(np.int64) - (fragment_id << 32) - unit.start

@@ -97,6 +97,17 @@ def add_columns(
     return commit(uri, build, job=job, details=details, storage_options=storage_options)
 
 
+def check_unchanged(latest: lance.LanceDataset, fragment_id: int, physical_rows: int) -> None:
+    """Raise :class:`NotRebaseable` if the fragment was removed or rewritten."""
+    frag = latest.get_fragment(fragment_id)
+    if frag is None or frag.metadata.physical_rows != physical_rows:
+        raise NotRebaseable(
+            f"fragment {fragment_id} of {latest.uri} was rewritten by another writer "
+            "(compaction or overwrite) while this job ran; rerun the same command: "
+            "fragments already committed are kept and the rest is recomputed"
+        )
+
+
 def replace_column_files(
     uri: str,
     files: Mapping[int, str],
@@ -114,16 +125,9 @@ def replace_column_files(
     """
 
     def build(latest: lance.LanceDataset):
-        current = {f.fragment_id: f for f in latest.get_fragments()}
         groups = []
         for fragment_id, file_name in sorted(files.items()):
-            frag = current.get(fragment_id)
-            if frag is None or frag.metadata.physical_rows != planned[fragment_id].physical_rows:
-                raise NotRebaseable(
-                    f"fragment {fragment_id} of {uri} was rewritten by another writer "
-                    "(compaction or overwrite) while this job ran; its checkpoints are kept, "
-                    "rerun the same command to recompute against the new layout"
-                )
+            check_unchanged(latest, fragment_id, planned[fragment_id].physical_rows)
             data_file = DataFile.create(latest, file_name)
             groups.append(lance.LanceOperation.DataReplacementGroup(fragment_id, data_file))
         return lance.LanceOperation.DataReplacement(groups)

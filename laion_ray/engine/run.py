@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import uuid
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ import pyarrow.compute as pc
 from laion_ray.error_log import checkpoint_root, failed_keys_by_fragment, record_errors
 from laion_ray.errors import LaionRayError
 from laion_ray.storage import filesystem, open_dataset
+from laion_ray.udf import TASK_CPUS
 
 from . import checkpoint as ckpt
 from .assemble import assemble_fragment
@@ -38,6 +40,7 @@ from .plan import (
     split_units,
 )
 from .progress import Progress
+from .stages import MAX_RETRIES
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +297,15 @@ class _Run:
             skip_keys,
             self.storage_options,
         )
-        data = self.job.transform(ray.data.read_datasource(source, num_cpus=0.25))
+        # Ray 2.60 has no named max_retries for reads yet; ray_remote_args warns.
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        read = ray.data.read_datasource(
+            source,
+            num_cpus=TASK_CPUS,
+            override_num_blocks=len(todo),  # one block per unit: no re-splitting
+            ray_remote_args={"max_retries": MAX_RETRIES},
+        )
+        data = self.job.transform(read)
         columns = [
             ROWADDR,
             *([KEY] if KEY in self.job.read_columns else []),
@@ -311,7 +322,8 @@ class _Run:
             ),
             batch_size=None,
             batch_format="pyarrow",
-            num_cpus=0.25,
+            num_cpus=TASK_CPUS,  # same resources as the read: they fuse into one task
+            max_retries=MAX_RETRIES,
         )
 
     def _stream(self, todo, skip_keys, commit_every_s, address) -> None:
@@ -435,8 +447,8 @@ class _Run:
                 self.job.uri,
                 f,
                 [(u, self.done[u.index].paths) for u in self.units_by_fragment[f]],
+                self.states[f].physical_rows,
                 self.job.outputs,
-                self.manifest["overwrite"],
                 self.storage_options,
             )
             for f in fragments

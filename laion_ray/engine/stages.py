@@ -20,6 +20,8 @@ from .plan import error_column
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 500
+# A UDF that kills its worker on every attempt must fail the job, not retry forever.
+MAX_RETRIES = 3
 
 
 class UDFContractError(LaionRayError):
@@ -129,6 +131,20 @@ class ActorStage:
         return apply_stage(self.fn, self.stage, batch, upstream=self.upstream, keep=self.keep)
 
 
-def task_stage(batch: pa.Table, stage: UDF, upstream: set[str], keep: Sequence[str]) -> pa.Table:
-    """Ray Data task wrapper for function UDFs."""
-    return apply_stage(stage.instantiate(), stage, batch, upstream=upstream, keep=keep)
+def task_stages(batch: pa.Table, steps: Sequence[tuple[UDF, set[str], Sequence[str]]]) -> pa.Table:
+    """Ray Data task wrapper: consecutive function UDFs run in one task per block.
+
+    A whole block (one work unit) comes in, so the read, these stages and the
+    checkpoint write fuse into a single Ray task; each UDF still sees batches
+    of its own ``batch_size``.
+    """
+    if isinstance(batch, pa.RecordBatch):
+        batch = pa.Table.from_batches([batch])
+    for stage, upstream, keep in steps:
+        fn = stage.instantiate()
+        size = max(stage.batch_size, 1)
+        slices = [batch.slice(i, size) for i in range(0, max(batch.num_rows, 1), size)]
+        batch = pa.concat_tables(
+            [apply_stage(fn, stage, s, upstream=upstream, keep=keep) for s in slices]
+        )
+    return batch

@@ -1,3 +1,6 @@
-"""Built-in UDFs. Importing this package registers them by name."""
+"""Built-in UDFs. Importing this package registers them by name.
 
-from laion_ray.udfs import aspect_ratio, moderation_rules  # noqa: F401
+``clip`` imports torch and open_clip only when a model stage starts.
+"""
+
+from laion_ray.udfs import aspect_ratio, clip, moderation_rules  # noqa: F401

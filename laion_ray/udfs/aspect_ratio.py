@@ -18,7 +18,6 @@ ASPECT_RATIO_SCHEMA = pa.schema(
     inputs=["width", "height"],
     outputs=ASPECT_RATIO_SCHEMA,
     name="aspect-ratio",
-    num_cpus=0.5,
     batch_size=65536,
 )
 def aspect_ratio(batch: pa.Table) -> pa.Table:

@@ -62,7 +62,6 @@ def make_moderation_rules(
             output_schema=MODERATION_RULES_SCHEMA,
             compute=moderation_rules,
             params=params,
-            num_cpus=0.5,
             batch_size=65536,
         ).with_options(**resources)
     ]

@@ -1,0 +1,393 @@
+"""Backfill benchmarks (issue 3): laion-ray ``backfill`` against its peers.
+
+Every contender gets its own fresh copy of the same narrow table (``key``,
+``width``, ``height``, all int64) and all run in one process on one Ray
+instance, side by side, so the printed ratios are fair on a busy machine.
+
+Lines printed:
+
+1. ``laion-ray / lance-ray add_columns rows/s``: ``backfill(udfs=["aspect-ratio"])``
+   against lance-ray 0.5 ``add_columns(uri, transform=...)`` with the same maths
+   as an Arrow UDF (target >= 2).
+2. ``laion-ray / pylance SQL add_columns rows/s``: against single-process
+   ``LanceDataset.add_columns`` with two SQL expressions (target >= 0.25).
+3. ``fixed overhead``: wall time of each on a 1k-row table (Ray already up).
+4. ``(kill at ~50% + rerun) / clean run wall time``: the CLI as a subprocess with
+   a slow UDF (``benchmarks/slow_udf.py``), SIGKILLed at ~50% of the ledger,
+   rerun to completion; each subprocess starts its own local Ray, and that
+   start-up is counted, as it is in a real rerun (target <= 1.15).
+5. ``peak worker RSS``: largest single Ray-worker RSS while backfilling
+   ``rows/2`` and ``rows`` rows (target ~1: memory bounded by a unit, not the table).
+
+Run:
+    python benchmarks/bench_backfill.py                  # 2M rows, 8 fragments
+    python benchmarks/bench_backfill.py --quick          # ~2 minute smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import lance
+import numpy as np
+import pyarrow as pa
+
+try:
+    import psutil
+except ImportError:  # Ray vendors psutil in ray/thirdparty_files; importing ray adds it
+    import importlib
+
+    importlib.import_module("ray")
+    psutil = importlib.import_module("psutil")
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+AR_SCHEMA = pa.schema([pa.field("aspect_ratio", pa.float64()), pa.field("is_high_res", pa.bool_())])
+SQL_COLUMNS = {
+    "aspect_ratio": "CAST(width AS DOUBLE) / CAST(height AS DOUBLE)",
+    "is_high_res": "width >= 512 AND height >= 512",
+}
+
+
+# --- data -------------------------------------------------------------------------
+def make_table(uri: str, rows: int, fragments: int, seed: int = 0) -> str:
+    """Narrow LAION-like table: ``rows`` rows over ``fragments`` fragments (no zero sizes)."""
+    rng = np.random.default_rng(seed)
+    table = pa.table(
+        {
+            "key": np.arange(rows, dtype=np.int64),
+            "width": rng.integers(64, 2049, rows, dtype=np.int64),
+            "height": rng.integers(64, 2049, rows, dtype=np.int64),
+        }
+    )
+    per_file = -(-rows // fragments)
+    lance.write_dataset(
+        table, uri, max_rows_per_file=per_file, max_rows_per_group=min(per_file, 65536)
+    )
+    return uri
+
+
+def fresh_copy(template: str, dest: str) -> str:
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(template, dest)
+    return dest
+
+
+def check_columns(uri: str, ratio_column: str = "aspect_ratio") -> float:
+    """Sum of the new ratio column (all contenders must agree); fails on nulls."""
+    tbl = lance.dataset(uri).to_table(columns=[ratio_column])
+    col = tbl[ratio_column]
+    assert col.null_count == 0, f"{uri}: {col.null_count} null {ratio_column} values"
+    return float(pa.compute.sum(col).as_py())
+
+
+# --- contenders -----------------------------------------------------------------
+def lance_ray_transform(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """aspect-ratio's maths as a plain Arrow UDF for ``merge_columns``."""
+    width = batch["width"].to_numpy(zero_copy_only=False).astype(np.float64)
+    height = batch["height"].to_numpy(zero_copy_only=False).astype(np.float64)
+    valid = (width > 0) & (height > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = width / height
+    return pa.RecordBatch.from_arrays(
+        [pa.array(ratio, mask=~valid), pa.array((width >= 512) & (height >= 512))],
+        schema=AR_SCHEMA,
+    )
+
+
+def run_laion_ray(uri: str) -> float:
+    from laion_ray.backfill import backfill
+
+    start = time.perf_counter()
+    report = backfill(uri, udfs=["aspect-ratio"])
+    wall = time.perf_counter() - start
+    assert report.rows_processed == lance.dataset(uri).count_rows(), report.summary()
+    return wall
+
+
+def run_lance_ray(uri: str, batch_size: int) -> float:
+    import lance_ray
+    from ray import cloudpickle
+
+    if __name__ != "__main__":  # imported: ship the transform by value, workers lack benchmarks/
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    start = time.perf_counter()
+    lance_ray.add_columns(
+        uri, transform=lance_ray_transform, read_columns=["width", "height"], batch_size=batch_size
+    )
+    return time.perf_counter() - start
+
+
+def run_pylance_sql(uri: str) -> float:
+    start = time.perf_counter()
+    lance.dataset(uri).add_columns(SQL_COLUMNS)
+    return time.perf_counter() - start
+
+
+# --- worker RSS -------------------------------------------------------------------
+class WorkerRSS:
+    """Samples the RSS of this driver's own Ray workers (``ray::`` descendants).
+
+    Only descendants of this process count, so other people's Ray clusters on
+    the same machine are left out.
+    """
+
+    def __init__(self, every_s: float = 0.1):
+        self.every_s = every_s
+        self.peak_single = 0
+        self.peak_total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> None:
+        total = 0
+        for proc in psutil.Process(os.getpid()).children(recursive=True):
+            try:
+                if "ray::" not in " ".join(proc.cmdline()):
+                    continue
+                rss = proc.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            total += rss
+            self.peak_single = max(self.peak_single, rss)
+        self.peak_total = max(self.peak_total, total)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> WorkerRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+# --- kill and resume ----------------------------------------------------------------
+def _cli(uri: str, unit_rows: int, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "laion_ray.cli", "backfill", uri,
+        "--udf", "slow_udf:slow_ratio", "--unit-rows", str(unit_rows),
+    ]  # fmt: skip
+    return subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True, text=True,
+    )  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen, what: str) -> str:
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} exited {proc.returncode}:\n{out[-3000:]}")
+    return out
+
+
+def _ledger_rows(uri: str) -> int:
+    rows = 0
+    for ledger in glob.glob(os.path.join(uri, "_laion_ray", "jobs", "*", "ledger.lance")):
+        try:
+            col = lance.dataset(ledger).to_table(columns=["path", "rows"])
+        except Exception:  # being created right now
+            continue
+        # A retried flush may append a record twice; count each part once.
+        rows += sum(
+            dict(zip(col["path"].to_pylist(), col["rows"].to_pylist(), strict=True)).values()
+        )
+    return rows
+
+
+def _kill_tree(proc: subprocess.Popen) -> int:
+    """SIGKILL the CLI's process group and every descendant (its private Ray)."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:  # Ray daemons that left the group still die, by pid
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    proc.wait()
+    psutil.wait_procs(tree, timeout=10)
+    return len(tree)
+
+
+def kill_and_resume(template: str, workdir: str, rows: int, unit_rows: int, delay_s: float) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(HERE), str(REPO), env.get("PYTHONPATH", "")) if p
+    )
+    env["BENCH_SLOW_DELAY_S"] = str(delay_s)
+    env.pop("RAY_ADDRESS", None)  # each subprocess starts its own local Ray
+
+    clean_uri = fresh_copy(template, os.path.join(workdir, "kill_clean.lance"))
+    start = time.perf_counter()
+    clean_out = _finish(_cli(clean_uri, unit_rows, env), "clean run")
+    clean_s = time.perf_counter() - start
+
+    uri = fresh_copy(template, os.path.join(workdir, "kill_resume.lance"))
+    start = time.perf_counter()
+    proc = _cli(uri, unit_rows, env)
+    killed_at = 0
+    while proc.poll() is None:
+        killed_at = _ledger_rows(uri)
+        if killed_at >= rows // 2:
+            break
+        time.sleep(0.25)
+    if proc.poll() is not None:
+        raise RuntimeError("the slow run finished before reaching 50%; raise --slow-delay")
+    _kill_tree(proc)
+    killed_s = time.perf_counter() - start
+    start = time.perf_counter()
+    rerun_out = _finish(_cli(uri, unit_rows, env), "rerun")
+    rerun_s = time.perf_counter() - start
+    assert check_columns(uri, "slow_ratio") == check_columns(clean_uri, "slow_ratio")
+    return {
+        "clean_s": clean_s,
+        "killed_s": killed_s,
+        "rerun_s": rerun_s,
+        "ledger_rows_at_kill": killed_at,
+        "clean_summary": clean_out.strip().splitlines()[-1],
+        "rerun_summary": rerun_out.strip().splitlines()[-1],
+        "ratio": (killed_s + rerun_s) / clean_s,
+    }
+
+
+def ray_startup_s() -> float:
+    """Wall time of a bare ``python -c 'ray.init(); ray.shutdown()'`` (for context)."""
+    code = (
+        "import ray; ray.init(address='local', include_dashboard=False, log_to_driver=False);"
+        "ray.shutdown()"
+    )
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=REPO)
+    return time.perf_counter() - start
+
+
+# --- main ------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--rows", type=int, default=2_000_000)
+    p.add_argument("--fragments", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="smoke run: 200k rows, short kill test")
+    p.add_argument(
+        "--out", help="working directory for tables and results.json (default: a temp dir)"
+    )
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    p.add_argument("--lance-ray-batch-size", type=int, default=65536,
+                   help="lance-ray reader batch; default matches aspect-ratio's batch_size")  # fmt: skip
+    p.add_argument(
+        "--kill-rows", type=int, help="rows in the kill test (default 131072; quick 65536)"
+    )
+    p.add_argument("--kill-unit-rows", type=int, default=2048)
+    p.add_argument("--slow-delay", type=float, help="seconds slept per slow-UDF batch")
+    p.add_argument("--skip-kill", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rows = min(args.rows, 200_000)
+    kill_rows = args.kill_rows or (65536 if args.quick else 131072)
+    delay = args.slow_delay if args.slow_delay is not None else (0.6 if args.quick else 2.5)
+    if args.rows < args.fragments * 2 or args.fragments < 1:
+        p.error(f"--rows {args.rows} must be at least twice --fragments {args.fragments}")
+
+    logging.basicConfig(level=logging.WARNING)
+    workdir = args.out or tempfile.mkdtemp(prefix="bench-backfill-")
+    os.makedirs(workdir, exist_ok=True)
+    tables = os.path.join(workdir, "tables")
+    shutil.rmtree(tables, ignore_errors=True)
+    os.makedirs(tables)
+    t = lambda name: os.path.join(tables, name)  # noqa: E731
+
+    from laion_ray.ray_env import ensure_ray
+
+    ensure_ray(num_cpus=args.num_cpus)
+    res: dict = {"rows": args.rows, "fragments": args.fragments, "num_cpus": args.num_cpus}
+
+    # 3. fixed overhead on 1k rows (after one untimed warm-up each: imports, pools).
+    small = make_table(t("small.lance"), 1000, args.fragments)
+    run_laion_ray(fresh_copy(small, t("warm_lr.lance")))
+    run_lance_ray(fresh_copy(small, t("warm_lray.lance")), args.lance_ray_batch_size)
+    res["overhead_laion_s"] = run_laion_ray(fresh_copy(small, t("small_lr.lance")))
+    res["overhead_lance_ray_s"] = run_lance_ray(
+        fresh_copy(small, t("small_lray.lance")), args.lance_ray_batch_size
+    )
+    res["overhead_sql_s"] = run_pylance_sql(fresh_copy(small, t("small_sql.lance")))
+
+    # 5a. half-size run for the memory ratio.
+    half = make_table(t("half.lance"), args.rows // 2, args.fragments, seed=1)
+    with WorkerRSS() as rss_half:
+        res["laion_half_s"] = run_laion_ray(fresh_copy(half, t("half_lr.lance")))
+
+    # 1-2 (and 5b). throughput, each contender on its own fresh copy.
+    full = make_table(t("full.lance"), args.rows, args.fragments, seed=2)
+    with WorkerRSS() as rss_full:
+        res["laion_s"] = run_laion_ray(fresh_copy(full, t("full_lr.lance")))
+    res["lance_ray_s"] = run_lance_ray(
+        fresh_copy(full, t("full_lray.lance")), args.lance_ray_batch_size
+    )
+    res["sql_s"] = run_pylance_sql(fresh_copy(full, t("full_sql.lance")))
+    sums = {name: check_columns(t(f"full_{name}.lance")) for name in ("lr", "lray", "sql")}
+    assert max(sums.values()) - min(sums.values()) < 1e-6 * abs(sums["sql"]), sums
+    res["peak_rss_half_mb"] = rss_half.peak_single / 2**20
+    res["peak_rss_full_mb"] = rss_full.peak_single / 2**20
+    res["peak_rss_total_half_mb"] = rss_half.peak_total / 2**20
+    res["peak_rss_total_full_mb"] = rss_full.peak_total / 2**20
+
+    rate = lambda s: args.rows / s  # noqa: E731
+    lines = [
+        f"laion-ray / lance-ray add_columns rows/s = {res['lance_ray_s'] / res['laion_s']:.2f} (target >= 2)"
+        f"  [laion-ray {rate(res['laion_s']):,.0f} rows/s in {res['laion_s']:.2f}s;"
+        f" lance-ray {rate(res['lance_ray_s']):,.0f} rows/s in {res['lance_ray_s']:.2f}s]",
+        f"laion-ray / pylance SQL add_columns rows/s = {res['sql_s'] / res['laion_s']:.2f} (target >= 0.25)"
+        f"  [pylance SQL {rate(res['sql_s']):,.0f} rows/s in {res['sql_s']:.2f}s]",
+        f"fixed overhead: laion-ray wall time on 1k rows = {res['overhead_laion_s']:.2f} s"
+        f"  [lance-ray {res['overhead_lance_ray_s']:.2f} s; pylance SQL {res['overhead_sql_s']:.3f} s;"
+        " Ray already running]",
+    ]
+    if not args.skip_kill:
+        kill_tpl = make_table(t("kill.lance"), kill_rows, args.fragments, seed=3)
+        res["ray_startup_s"] = ray_startup_s()
+        res["kill"] = kill_and_resume(kill_tpl, tables, kill_rows, args.kill_unit_rows, delay)
+        k = res["kill"]
+        lines.append(
+            f"(kill at ~50% + rerun) / clean run wall time = {k['ratio']:.2f} (target <= 1.15)"
+            f"  [clean {k['clean_s']:.1f}s; killed after {k['killed_s']:.1f}s at"
+            f" {k['ledger_rows_at_kill']}/{kill_rows} ledger rows; rerun {k['rerun_s']:.1f}s;"
+            f" each subprocess includes a fresh local Ray start, bare start {res['ray_startup_s']:.1f}s]"
+        )
+    lines.append(
+        f"peak worker RSS {args.rows // 2:,} rows / {args.rows:,} rows = "
+        f"{res['peak_rss_half_mb'] / res['peak_rss_full_mb']:.2f} (target ~1)"
+        f"  [{res['peak_rss_half_mb']:.0f} MB / {res['peak_rss_full_mb']:.0f} MB"
+        f", largest single ray:: worker; sum over workers {res['peak_rss_total_half_mb']:.0f} MB /"
+        f" {res['peak_rss_total_full_mb']:.0f} MB]"
+    )
+    print("\n".join(lines), flush=True)
+    res["lines"] = lines
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    if not args.out:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()
