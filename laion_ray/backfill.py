@@ -119,8 +119,6 @@ def _stage_pipeline(stages: Sequence[UDF]):
                     num_cpus=stage.num_cpus,
                     num_gpus=stage.num_gpus or None,
                     concurrency=stage.concurrency or 1,
-                    max_restarts=MAX_RETRIES,
-                    max_task_retries=MAX_RETRIES,
                 )
             else:
                 if group and (group[0][0].num_cpus, group[0][0].num_gpus) != (

@@ -45,8 +45,10 @@ import pyarrow.compute as pc
 from laion_ray.engine.commit import UDF_METADATA
 from laion_ray.engine.plan import KEEP, ROWADDR, UNIT, UNIT_ROWS
 from laion_ray.engine.run import COMMIT_EVERY_S, Job, JobReport, run_job
+from laion_ray.engine.stages import MAX_RETRIES
 from laion_ray.errors import LaionRayError, brief
 from laion_ray.storage import filesystem, is_local, open_dataset, resolve_storage_options
+from laion_ray.udf import TASK_CPUS
 
 log = logging.getLogger(__name__)
 
@@ -814,7 +816,8 @@ def _validate_broadcast(
             fn_kwargs={"labels_ref": [labels_ref], "on": on, "columns": columns},
             batch_size=None,
             batch_format="pyarrow",
-            num_cpus=0.25,
+            num_cpus=TASK_CPUS,  # like the read and the checkpoint write: one fused task
+            max_retries=MAX_RETRIES,
         )
 
     return transform

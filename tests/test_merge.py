@@ -238,6 +238,7 @@ def test_changed_source_is_not_resumed_from_stale_checkpoints(dataset, tmp_path)
 
 def test_bad_arguments_exit_2_with_one_line(dataset, tmp_path, capsys):
     pq.write_table(_labels(range(5)), tmp_path / "l.parquet")
+    (tmp_path / "l.txt").write_text("key,aesthetic\n1,2.0\n")  # unknown extension
     cases = [
         (["--from", str(tmp_path / "missing.parquet")], "no such source"),
         (["--from", str(tmp_path / "l.parquet"), "--columns", "nope"], "column 'nope' is not in"),
