@@ -234,8 +234,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from laion_ray.demo import run_demo
 
-    if args.rows < 100:
-        raise LaionRayError(f"--rows must be at least 100 for the index step, got {args.rows}")
+    if args.rows < 600:
+        raise LaionRayError(f"--rows must be at least 600 to train the index, got {args.rows}")
     run_demo(args.dir, rows=args.rows, address=args.address)
 
 
