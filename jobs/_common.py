@@ -62,12 +62,18 @@ def backfill_options(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def run(name: str, args: argparse.Namespace, call: Callable[[], Any]) -> int:
+def run(
+    name: str,
+    args: argparse.Namespace,
+    call: Callable[[], Any],
+    succeeded: Callable[[Any], bool] = lambda report: True,
+) -> int:
     """Log the configuration, run ``call`` and turn its outcome into an exit code.
 
     Returns:
         0 on success; 2 for a :class:`LaionRayError` (bad input, logged as one
-        line); 1 for anything else (logged with its traceback).
+        line); 1 when ``succeeded(report)`` is false (e.g. a recall gate kept the
+        old index) or for any other error (logged with its traceback).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -83,4 +89,4 @@ def run(name: str, args: argparse.Namespace, call: Callable[[], Any]) -> int:
         log.exception("%s failed", name)
         return 1
     log.info("%s", report.summary())
-    return 0
+    return 0 if succeeded(report) else 1

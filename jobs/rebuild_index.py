@@ -1,25 +1,28 @@
 """Rebuild the IVF_PQ index of a Lance table on Ray (``ray job submit`` entry point).
 
+Exits 0 when the new index was swapped in, 1 when the recall gate kept the old
+one (or on an unexpected error), 2 on bad input.
+
 Example:
-    ray job submit -- python jobs/rebuild_index.py s3://bucket/laion.lance --min-recall 0.9
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --runtime-env jobs/runtime_env.yaml -- \\
+        python jobs/rebuild_index.py s3://bucket/laion.lance --min-recall 0.9 --tag ivf-v2
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-from laion_ray.errors import LaionRayError
-from laion_ray.index import reindex
-from laion_ray.storage import mask_secrets, parse_storage_options, resolve_storage_options
+import _common
 
-log = logging.getLogger("jobs.rebuild_index")
+from laion_ray.index import reindex
+from laion_ray.storage import parse_storage_options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse flags, log the config (secrets masked), run ``reindex``; 0 only if swapped."""
+    """Parse flags and run one ``reindex(uri, ...)``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("uri")
     p.add_argument("--column", default="img_emb")
@@ -31,15 +34,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tag")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--address", help="Ray cluster (default: $RAY_ADDRESS, set by ray job submit)")
     p.add_argument("--report")
     p.add_argument("--plot")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        opts = parse_storage_options(args.storage_option)
-        config = {**vars(args), "storage_option": mask_secrets(resolve_storage_options(opts))}
-        log.info("rebuild_index config: %s", config)
-        report = reindex(
+
+    def call():
+        from laion_ray.ray_env import ensure_ray
+
+        ensure_ray(args.address)
+        return reindex(
             args.uri,
             column=args.column,
             partitions=args.partitions,
@@ -49,15 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_recall=args.min_recall,
             tag=args.tag,
             num_workers=args.num_workers,
-            storage_options=opts,
+            storage_options=parse_storage_options(args.storage_option),
             report_path=args.report,
             plot_path=args.plot,
         )
-    except LaionRayError as exc:
-        log.error("%s", exc)
-        return 2
-    log.info("%s", report.summary())
-    return 0 if report.swapped else 1
+
+    return _common.run("rebuild_index", args, call, succeeded=lambda report: report.swapped)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def _text_vector(text: str, model: str | None) -> np.ndarray:
     if not model:
         raise LaionRayError("--text needs --model NAME[:PRETRAINED or checkpoint path]")
     try:
-        from laion_ray.udfs.clip import load_clip
+        from laion_ray.clip_model import load_clip
     except ImportError as exc:
         raise LaionRayError(
             f"--text needs laion_ray.udfs.clip to load {model!r}, which is not available"

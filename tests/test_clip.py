@@ -15,10 +15,14 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw
 
+from laion_ray import clip_model
+from laion_ray.clip_model import load_clip
 from laion_ray.errors import LaionRayError
 from laion_ray.preprocess import ImageDecodeError, PixelSpec, preprocess_image
-from laion_ray.udfs import clip
-from laion_ray.udfs.clip import load_clip, make_clip_embed, make_moderation_clip
+from laion_ray.udf import TASK_CPUS
+from laion_ray.udfs import moderation_clip
+from laion_ray.udfs.clip import make_clip_embed
+from laion_ray.udfs.moderation_clip import make_moderation_clip
 
 PARITY_MIN_COSINE = 0.995
 
@@ -110,7 +114,7 @@ def _as_matrix(column) -> np.ndarray:
 def test_embed_schema_dtype_and_unit_norm(stages, embedder):
     pre, model = stages
     assert [s.name for s in stages] == ["clip-preprocess", "clip-embed"]
-    assert pre.num_cpus == 0.5 and model.num_gpus == 0 and model.num_cpus <= 1
+    assert pre.num_cpus == TASK_CPUS and model.num_gpus == 0 and model.num_cpus <= 1
     assert model.concurrency == 1
     images = list(_varied_images().values())[:6]
     pixels = _pixels(stages, images)
@@ -232,7 +236,7 @@ def test_random_weights_refused_without_flag():
 
 
 def test_unfetchable_tag_fails_fast_with_checkpoint_hint(monkeypatch, tmp_path):
-    monkeypatch.setattr(clip, "_hub_reachable", lambda: False)  # as on an offline node
+    monkeypatch.setattr(clip_model, "_hub_reachable", lambda: False)  # as on an offline node
     before = os.environ.get("HF_HUB_OFFLINE")
     start = time.perf_counter()
     with pytest.raises(LaionRayError) as err:
@@ -312,7 +316,7 @@ def test_moderation_labels_scores_and_nsfw_rule():
 def test_moderation_defaults_and_validation():
     [udf] = make_moderation_clip(random_weights=True)
     assert udf.inputs == ("img_emb_vit_b_32",)
-    assert udf.params["prompts"] == clip.DEFAULT_PROMPTS
+    assert udf.params["prompts"] == moderation_clip.DEFAULT_PROMPTS
     with pytest.raises(LaionRayError, match="nsfw_label"):
         make_moderation_clip(random_weights=True, prompts={"ok": "a photo"}, use_nsfw_flag=True)
     with pytest.raises(LaionRayError, match="prompt"):

@@ -247,18 +247,21 @@ class LocalCluster:
         return owned
 
     def stop(self) -> None:
-        """Stop every process this cluster started: SIGTERM, then SIGKILL after 10 s."""
-        owned = self._owned() if self.sessions else set()
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        """Stop every process this cluster started: SIGTERM, then SIGKILL.
+
+        Each round re-scans the sessions: a raylet may still spawn a worker
+        while it is being stopped, and that worker must not outlive the test.
+        """
+        owned: set[int] = set()
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0), (signal.SIGKILL, 5.0)):
+            owned = (owned | (self._owned() if self.sessions else set())) & set(_processes())
             for pid in owned:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, sig)
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                owned &= set(_processes())
-                if not owned:
-                    break
+            while owned and time.monotonic() < deadline:
                 time.sleep(0.2)
+                owned &= set(_processes())
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import sys
 
 import lance
 import numpy as np
@@ -99,6 +100,7 @@ def test_old_index_answers_until_swap(ray_session, indexed, monkeypatch):
 def test_min_recall_gate_keeps_old_index(ray_session, indexed):
     (old,) = index_uuids(indexed)
     version = lance.dataset(str(indexed)).version
+    sys.path.insert(0, str(ROOT / "jobs"))  # the entry point imports its sibling ``_common``
     spec = importlib.util.spec_from_file_location("rebuild_index", ROOT / "jobs/rebuild_index.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
