@@ -29,7 +29,7 @@ from laion_ray.udf import TASK_CPUS
 
 from . import checkpoint as ckpt
 from .assemble import assemble_fragment
-from .commit import UDF_METADATA, add_columns, replace_column_files
+from .commit import UDF_METADATA, add_columns, check_unchanged, replace_column_files
 from .plan import (
     ROWADDR,
     WorkUnit,
@@ -440,6 +440,9 @@ class _Run:
 
         from laion_ray.ray_env import ensure_ray
 
+        latest = open_dataset(self.job.uri, storage_options=self.storage_options)
+        for f in fragments:  # fail fast, before any work, if a fragment was rewritten
+            check_unchanged(latest, f, self.states[f].physical_rows)
         ensure_ray(address)
         task = ray.remote(num_cpus=0.5)(assemble_fragment)
         refs = [
@@ -453,4 +456,13 @@ class _Run:
             )
             for f in fragments
         ]
-        return ray.get(refs)
+        # Collect every result so no failure is left unhandled in Ray's log.
+        results, failure = [], None
+        for ref in refs:
+            try:
+                results.append(ray.get(ref))
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return results
