@@ -169,24 +169,3 @@ def format_hits(hits: Sequence[Mapping[str, object]]) -> str:
             f"{sim_s} | d={h.get('_distance', float('nan')):.3f} | {caption} | {h.get('url', '')}"
         )
     return "\n".join(lines)
-
-
-def write_demo_dataset(uri: str, *, rows: int = 5000, dim: int = 768, seed: int = 0) -> str:
-    """Write a small LAION-shaped vector table (key, caption, url, similarity, img_emb)."""
-    import lance
-    import pyarrow as pa
-
-    from laion_ray.recall import clustered_vectors
-
-    vecs = clustered_vectors(rows, dim, seed=seed)
-    rng = np.random.default_rng(seed)
-    table = pa.table({
-        "key": np.arange(rows, dtype=np.int64),
-        "caption": [f"synthetic image {i}" for i in range(rows)],
-        "url": [f"https://example.com/{i}.jpg" for i in range(rows)],
-        "similarity": rng.uniform(0.2, 0.4, rows),
-        "NSFW": rng.integers(0, 2, rows),
-        "img_emb": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), dim),
-    })  # fmt: skip
-    lance.write_dataset(table, uri, max_rows_per_file=max(1, rows // 4))
-    return uri

@@ -17,7 +17,6 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import inspect
 import json
@@ -83,10 +82,6 @@ class UDF:
         """Identity of the computation: name, version and parameters."""
         params = json.dumps(dict(self.params), sort_keys=True, default=str)
         return f"{self.name}@{self.version}:{params}"
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256((self.key + self.output_schema.to_string()).encode()).hexdigest()[:16]
 
     def with_options(self, **changes: Any) -> UDF:
         """Copy with other resources or parameters (``params`` are merged)."""

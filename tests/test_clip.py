@@ -208,7 +208,7 @@ def test_preprocess_stage_shared_by_models_of_same_size():
     a = make_clip_embed(random_weights=True)[0]
     b = make_clip_embed(model="ViT-B-16", random_weights=True, column="img_emb", batch_size=7)[0]
     c = make_clip_embed(model="ViT-L-14-336", random_weights=True)[0]
-    assert a == b and a.key == b.key and a.fingerprint == b.fingerprint
+    assert a == b and a.key == b.key
     assert a != c and c.output_schema.names == ["_clip_pixels_336x336"]
 
 

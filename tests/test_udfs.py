@@ -122,5 +122,5 @@ def test_wrong_output_schema_is_a_contract_error_not_a_bad_row():
 def test_udf_key_changes_with_version_and_params():
     (a,) = resolve("moderation-rules")
     (b,) = resolve("moderation-rules", nsfw_threshold=0.9)
-    assert a.key != b.key and a.fingerprint != b.fingerprint
+    assert a.key != b.key
     assert a.with_options(version="2").key != a.key
