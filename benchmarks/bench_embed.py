@@ -122,9 +122,9 @@ def bench_end_to_end(rows: int, model: str, batch_size: int, threads: int) -> di
     import torch
 
     from laion_ray.backfill import backfill
+    from laion_ray.clip_model import clip_spec, load_clip
     from laion_ray.preprocess import PixelSpec, preprocess_images
     from laion_ray.ray_env import ensure_ray
-    from laion_ray.clip_model import clip_spec, load_clip
 
     images = make_jpegs(rows)
     workdir = tempfile.mkdtemp(prefix="bench-embed-")

@@ -77,6 +77,17 @@ def _output_schema(stages: Sequence[UDF]) -> pa.Schema:
     )
 
 
+def _steps(stages: Sequence[UDF]) -> list[tuple[UDF, set[str], list[str]]]:
+    """Each stage with the in-run columns it may skip on and the columns to keep."""
+    steps, produced = [], set()
+    for i, stage in enumerate(stages):
+        later = [c for s in stages[i + 1 :] for c in s.inputs]
+        so_far = [c for s in stages[:i] for c in (*s.stored_outputs, error_column(s))]
+        steps.append((stage, set(produced), [ROWADDR, UNIT, UNIT_ROWS, KEY, *so_far, *later]))
+        produced.update(stage.outputs)
+    return steps
+
+
 def _stage_pipeline(stages: Sequence[UDF]):
     """The job's transform: function UDFs run as tasks, class UDFs as actor pools.
 
@@ -87,7 +98,6 @@ def _stage_pipeline(stages: Sequence[UDF]):
     def transform(data):
         from laion_ray.engine.stages import MAX_RETRIES, ActorStage, task_stages
 
-        produced: set[str] = set()
         group: list[tuple[UDF, set[str], list[str]]] = []
 
         def flush(data):
@@ -105,15 +115,12 @@ def _stage_pipeline(stages: Sequence[UDF]):
                 group.clear()
             return data
 
-        for i, stage in enumerate(stages):
-            later = [c for s in stages[i + 1 :] for c in s.inputs]
-            so_far = [c for s in stages[:i] for c in (*s.stored_outputs, error_column(s))]
-            keep = [ROWADDR, UNIT, UNIT_ROWS, KEY, *so_far, *later]
+        for stage, upstream, keep in _steps(stages):
             if stage.is_actor:
                 data = flush(data)
                 data = data.map_batches(
                     ActorStage,
-                    fn_constructor_kwargs=dict(stage=stage, upstream=set(produced), keep=keep),
+                    fn_constructor_kwargs=dict(stage=stage, upstream=upstream, keep=keep),
                     batch_size=stage.batch_size,
                     batch_format="pyarrow",
                     num_cpus=stage.num_cpus,
@@ -126,11 +133,20 @@ def _stage_pipeline(stages: Sequence[UDF]):
                     stage.num_gpus,
                 ):
                     data = flush(data)
-                group.append((stage, set(produced), keep))
-            produced.update(stage.outputs)
+                group.append((stage, upstream, keep))
         return flush(data)
 
     return transform
+
+
+def _local_transform(stages: Sequence[UDF]):
+    """The same stages in this process, when none needs an actor or a GPU."""
+    if any(s.is_actor or s.num_gpus for s in stages):
+        return None
+    from laion_ray.engine.stages import task_stages
+
+    steps = _steps(stages)
+    return lambda table: task_stages(table, steps)
 
 
 def backfill(
@@ -152,6 +168,7 @@ def backfill(
     storage_options: Mapping[str, str] | None = None,
     address: str | None = None,
     job_name: str | None = None,
+    executor: str = "auto",
 ) -> JobReport:
     """Compute ``udfs`` over ``uri`` and write their outputs back as columns.
 
@@ -177,6 +194,8 @@ def backfill(
         storage_options: Object-store options for Lance.
         address: Ray cluster address (default ``$RAY_ADDRESS`` or a local Ray).
         job_name: Recorded in the commit history (default: the UDF names).
+        executor: ``ray``, ``local`` or ``auto``: small jobs of function UDFs on
+            narrow columns run in this process when no Ray is running or named.
 
     Returns:
         A :class:`JobReport`.
@@ -200,6 +219,7 @@ def backfill(
         outputs=_output_schema(stages),
         producers=[s.name for s in stages],
         transform=_stage_pipeline(stages),
+        local_transform=_local_transform(stages),
         where=where,
         overwrite=overwrite,
         details={"udfs": [s.key for s in stages]},
@@ -215,4 +235,5 @@ def backfill(
         report_path=report_path,
         storage_options=storage_options,
         address=address,
+        executor=executor,
     )

@@ -295,6 +295,12 @@ def _backfill_args(p: argparse.ArgumentParser) -> None:
         "--checkpoint-uri", help="where checkpoints/errors live (default URI/_laion_ray)"
     )
     p.add_argument("--report", metavar="FILE", help="write the final summary as JSON")
+    p.add_argument(
+        "--executor",
+        choices=["auto", "ray", "local"],
+        default="auto",
+        help="auto: small function-UDF jobs on narrow columns run in-process, the rest on Ray",
+    )
     _ray_flags(p)
     _storage_flags(p)
 
@@ -320,6 +326,7 @@ def _backfill(args: argparse.Namespace) -> None:
         report_path=args.report,
         storage_options=_storage(args),
         address=args.address,
+        executor=args.executor,
     )
     print(report.summary())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import lance
 import numpy as np
@@ -210,3 +211,69 @@ def test_report_json(many_fragments, tmp_path):
     report = json.loads(path.read_text())
     assert report["rows_processed"] == 600 and report["rows_failed"] == 0
     assert report["rows_per_s"] > 0
+
+
+def test_local_executor_gives_the_same_result_and_resumes(tmp_path):
+    ray_uri, local_uri = str(tmp_path / "ray.lance"), str(tmp_path / "local.lance")
+    for uri in (ray_uri, local_uri):
+        write_sample(uri, rows=500, fragments=4, seed=2)
+        lance.dataset(uri).delete("key % 5 = 2")
+    backfill(ray_uri, udfs=["aspect-ratio", "moderation-rules"], unit_rows=64, executor="ray")
+    backfill(local_uri, udfs=["aspect-ratio", "moderation-rules"], unit_rows=64, executor="local")
+    columns = ["key", "aspect_ratio", "is_high_res", "moderation_label"]
+    assert lance.dataset(ray_uri).to_table(columns=columns) == lance.dataset(local_uri).to_table(
+        columns=columns
+    )
+    _assert_matches_reference(local_uri)
+    # Same checkpoints as on Ray: a stopped local run resumes without recomputing.
+    with pytest.raises(LaionRayError, match="max-error-fraction"):
+        backfill(local_uri, udfs=["helpers:fail_on_keys"], max_error_fraction=0, executor="local")
+    report = backfill(
+        local_uri, udfs=["helpers:fail_on_keys"], max_error_fraction=0.05, executor="local"
+    )
+    assert (
+        report.rows_processed == 0 and report.rows_resumed == lance.dataset(local_uri).count_rows()
+    )
+
+
+def test_auto_executor_runs_cheap_jobs_in_process_and_the_rest_on_ray(many_fragments, tmp_path):
+    import subprocess
+    import sys
+
+    from laion_ray.backfill import _local_transform, resolve_stages
+    from laion_ray.engine.run import LOCAL_MAX_ROWS, Job, choose_executor
+
+    def job(udfs):
+        stages = resolve_stages(udfs, params={"clip-embed": {"random_weights": True}})
+        return Job(many_fragments, "j", "i", [], pa.schema([]), [], None, _local_transform(stages))
+
+    cheap = job(["aspect-ratio"])
+    small = dict(planned_rows=600, narrow=True)
+    assert choose_executor(cheap, "auto", **small, ray_attached=False)
+    assert not choose_executor(cheap, "auto", **small, ray_attached=True)  # cluster / running Ray
+    assert not choose_executor(
+        cheap, "auto", planned_rows=LOCAL_MAX_ROWS + 1, narrow=True, ray_attached=False
+    )
+    assert not choose_executor(cheap, "auto", planned_rows=600, narrow=False, ray_attached=False)
+    assert choose_executor(cheap, "local", **small, ray_attached=True)
+    assert not choose_executor(cheap, "ray", **small, ray_attached=False)
+    with pytest.raises(LaionRayError, match="executor must be"):
+        choose_executor(cheap, "gpu", **small, ray_attached=False)
+    model = job(["clip-embed"])  # an actor stage: never in-process
+    assert model.local_transform is None
+    with pytest.raises(LaionRayError, match="function UDFs only"):
+        choose_executor(model, "local", **small, ray_attached=False)
+    # A fresh CLI process with no Ray: the cheap job runs in-process.
+    report = tmp_path / "r.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "laion_ray.cli",
+        "backfill",
+        many_fragments,
+        "--udf",
+        "aspect-ratio",
+    ]
+    subprocess.run([*cmd, "--report", str(report)], check=True, env=env, capture_output=True)
+    assert json.loads(report.read_text())["executor"] == "local"

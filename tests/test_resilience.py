@@ -76,7 +76,7 @@ def _cli_env(log: Path | None = None, delay: float = 0.0) -> dict[str, str]:
 def _backfill_cmd(uri: str, *extra: str, udf: str = "helpers:slow_ratio") -> list[str]:
     return [
         sys.executable, "-m", "laion_ray.cli", "backfill", uri,
-        "--udf", udf, "--unit-rows", str(UNIT_ROWS), *extra,
+        "--udf", udf, "--unit-rows", str(UNIT_ROWS), "--executor", "ray", *extra,
     ]  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
 import warnings
@@ -32,6 +33,7 @@ from .assemble import assemble_fragment
 from .commit import UDF_METADATA, add_columns, check_unchanged, replace_column_files
 from .plan import (
     ROWADDR,
+    SCALAR_UNIT_ROWS,
     WorkUnit,
     default_unit_rows,
     error_column_name,
@@ -63,6 +65,9 @@ class Job:
         producers: Stage names that may record row errors.
         transform: Maps the Ray Dataset of unit rows to one that adds the
             outputs and ``_error:<producer>`` columns (and may add ``_keep``).
+        local_transform: The same as a plain function of one unit's table,
+            when the job can run without Ray (function UDFs only); see
+            :func:`choose_executor`.
         where: Optional SQL filter on the rows to compute.
         overwrite: Whether existing output columns may be replaced.
         details: Extra facts for the commit history (UDF keys, parameters).
@@ -75,6 +80,7 @@ class Job:
     outputs: pa.Schema
     producers: list[str]
     transform: Callable[[Any], Any]
+    local_transform: Callable[[pa.Table], pa.Table] | None = None
     where: str | None = None
     overwrite: bool = False
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -98,6 +104,7 @@ class JobReport:
     commits: int = 0
     elapsed_s: float = 0.0
     tag: str | None = None
+    executor: str = "ray"
 
     @property
     def rows_per_s(self) -> float:
@@ -111,8 +118,8 @@ class JobReport:
             f"{self.job}: {self.rows_processed} rows processed, {self.rows_failed} failed, "
             f"{self.rows_resumed} resumed from checkpoints, {self.rows_skipped_failed} known-bad "
             f"skipped; {self.fragments_committed} fragments committed in {self.commits} commits; "
-            f"{self.elapsed_s:.1f}s ({self.rows_per_s:,.0f} rows/s); version {self.version}"
-            + (f", tagged {self.tag}" if self.tag else "")
+            f"{self.elapsed_s:.1f}s ({self.rows_per_s:,.0f} rows/s, {self.executor} executor); "
+            f"version {self.version}" + (f", tagged {self.tag}" if self.tag else "")
         )
 
 
@@ -166,6 +173,34 @@ def _stale_reason(
     return None
 
 
+LOCAL_MAX_ROWS = 4_000_000
+
+
+def choose_executor(
+    job: Job, executor: str, *, planned_rows: int, narrow: bool, ray_attached: bool
+) -> bool:
+    """Whether to run in this process (``True``) or on Ray Data.
+
+    ``auto`` runs locally only what Ray cannot speed up: function UDFs over
+    narrow columns of at most ``LOCAL_MAX_ROWS`` rows, with no cluster named
+    and no Ray already started here; seconds of Ray start-up and scheduling
+    would dwarf milliseconds of work. Everything else, and every cluster run,
+    goes to Ray.
+    """
+    if executor not in ("auto", "ray", "local"):
+        raise LaionRayError(f"--executor must be auto, ray or local, got {executor!r}")
+    if executor == "local" and job.local_transform is None:
+        raise LaionRayError("--executor local runs function UDFs only; this job needs Ray")
+    if executor != "auto":
+        return executor == "local"
+    return (
+        job.local_transform is not None
+        and narrow
+        and planned_rows <= LOCAL_MAX_ROWS
+        and not ray_attached
+    )
+
+
 def run_job(
     job: Job,
     *,
@@ -178,8 +213,13 @@ def run_job(
     report_path: str | None = None,
     storage_options: Mapping[str, str] | None = None,
     address: str | None = None,
+    executor: str = "auto",
 ) -> JobReport:
-    """Plan (or resume) ``job``, run it and commit its columns fragment by fragment."""
+    """Plan (or resume) ``job``, run it and commit its columns fragment by fragment.
+
+    ``executor`` is ``ray`` (Ray Data), ``local`` (this process) or ``auto``
+    (see :func:`choose_executor`); both use the same checkpoints and commits.
+    """
     if not 0 <= max_error_fraction <= 1:
         raise LaionRayError(f"--max-error-fraction must be in [0, 1], got {max_error_fraction}")
     if unit_rows is not None and unit_rows < 1:
@@ -210,9 +250,16 @@ def run_job(
         checkpoint.save_manifest(manifest)
     else:
         log.info("resuming job %s from its checkpoint", fingerprint)
-    report = _Run(job, manifest, checkpoint, root, storage_options, max_error_fraction).execute(
-        retry_errors, commit_every_s, address
+    planned_rows = sum(f["physical_rows"] for f in manifest["fragments"])
+    narrow = default_unit_rows(job.read_columns, ds.schema) == SCALAR_UNIT_ROWS
+    import ray
+
+    attached = bool(address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+    local = choose_executor(
+        job, executor, planned_rows=planned_rows, narrow=narrow, ray_attached=attached
     )
+    run = _Run(job, manifest, checkpoint, root, storage_options, max_error_fraction, local)
+    report = run.execute(retry_errors, commit_every_s, address)
     if tag:
         latest = open_dataset(job.uri, storage_options=storage_options)
         if tag in latest.tags.list():
@@ -232,8 +279,9 @@ def run_job(
 class _Run:
     """One execution of a planned job: stream units, checkpoint, commit."""
 
-    def __init__(self, job: Job, manifest, checkpoint, root, storage_options, max_errors):
+    def __init__(self, job: Job, manifest, checkpoint, root, storage_options, max_errors, local):
         self.job, self.manifest, self.checkpoint, self.root = job, manifest, checkpoint, root
+        self.local = local
         self.storage_options = dict(storage_options or {})
         self.max_errors = max_errors
         self.states = {s.fragment_id: s for s in ckpt.states_from_json(manifest["fragments"])}
@@ -250,6 +298,7 @@ class _Run:
             units_total=len(self.units),
             units_resumed=len(self.done),
             rows_resumed=sum(u.rows for u in self.done.values()),
+            executor="local" if local else "ray",
         )
         self.errors_before = sum(u.errors for u in self.done.values())
         self.columns_ready = False
@@ -283,20 +332,41 @@ class _Run:
         ).version
         return self.report
 
-    def _pipeline(self, todo, skip_keys):
+    def _part_args(self) -> dict:
+        columns = [
+            ROWADDR,
+            *([KEY] if KEY in self.job.read_columns else []),
+            *self.job.outputs.names,
+            *(error_column_name(p) for p in self.job.producers),
+        ]
+        return dict(
+            job_uri=self.checkpoint.uri,
+            run_id=uuid.uuid4().hex,
+            columns=columns,
+            storage_options=self.storage_options,
+        )
+
+    def _read_args(self, unit: WorkUnit, skip_keys) -> tuple:
+        return (
+            self.job.uri,
+            self.manifest["read_version"],
+            unit,
+            self.job.read_columns,
+            self.manifest["filter"],
+            skip_keys.get(unit.fragment_id, ()),
+            self.storage_options,
+        )
+
+    def _ray_records(self, todo, skip_keys, address):
+        """Ledger records from the Ray Data pipeline: read -> transform -> parts."""
         import ray
+
+        from laion_ray.ray_env import ensure_ray
 
         from .source import UnitDatasource
 
-        source = UnitDatasource(
-            self.job.uri,
-            self.manifest["read_version"],
-            todo,
-            self.job.read_columns,
-            self.manifest["filter"],
-            skip_keys,
-            self.storage_options,
-        )
+        ensure_ray(address)
+        source = UnitDatasource([self._read_args(u, skip_keys) for u in todo])
         # Ray 2.60 has no named max_retries for reads yet; ray_remote_args warns.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
         read = ray.data.read_datasource(
@@ -305,31 +375,32 @@ class _Run:
             override_num_blocks=len(todo),  # one block per unit: no re-splitting
             ray_remote_args={"max_retries": MAX_RETRIES},
         )
-        data = self.job.transform(read)
-        columns = [
-            ROWADDR,
-            *([KEY] if KEY in self.job.read_columns else []),
-            *self.job.outputs.names,
-        ]
-        columns += [error_column_name(p) for p in self.job.producers]
-        return data.map_batches(
+        data = self.job.transform(read).map_batches(
             ckpt.write_parts,
-            fn_kwargs=dict(
-                job_uri=self.checkpoint.uri,
-                run_id=uuid.uuid4().hex,
-                columns=columns,
-                storage_options=self.storage_options,
-            ),
+            fn_kwargs=self._part_args(),
             batch_size=None,
             batch_format="pyarrow",
             num_cpus=TASK_CPUS,  # same resources as the read: they fuse into one task
             max_retries=MAX_RETRIES,
         )
+        return data.iter_batches(batch_size=None, batch_format="pyarrow")
+
+    def _local_records(self, todo, skip_keys):
+        """The same steps in this process, unit by unit: no Ray start, no scheduling."""
+        from .source import read_unit
+
+        part_args = self._part_args()
+        for unit in todo:
+            table = read_unit(*self._read_args(unit, skip_keys))
+            if table.num_rows:
+                yield ckpt.write_parts(self.job.local_transform(table), **part_args)
 
     def _stream(self, todo, skip_keys, commit_every_s, address) -> None:
-        from laion_ray.ray_env import ensure_ray
-
-        ensure_ray(address)
+        records_stream = (
+            self._local_records(todo, skip_keys)
+            if self.local
+            else self._ray_records(todo, skip_keys, address)
+        )
         progress = Progress(
             self.job.name, sum(u.end - u.start for u in todo), len(self.units), len(self.done)
         )
@@ -337,9 +408,7 @@ class _Run:
         pending: list[pa.Table] = []
         last_flush = last_commit = time.monotonic()
         try:
-            for records in self._pipeline(todo, skip_keys).iter_batches(
-                batch_size=None, batch_format="pyarrow"
-            ):
+            for records in records_stream:
                 pending.append(records)
                 finished_now = 0
                 for rec in records.to_pylist():
@@ -436,17 +505,11 @@ class _Run:
         self.checkpoint.save_manifest(self.manifest)
 
     def _assemble(self, fragments: Sequence[int], address):
-        import ray
-
-        from laion_ray.ray_env import ensure_ray
-
         latest = open_dataset(self.job.uri, storage_options=self.storage_options)
         for f in fragments:  # fail fast, before any work, if a fragment was rewritten
             check_unchanged(latest, f, self.states[f].physical_rows)
-        ensure_ray(address)
-        task = ray.remote(num_cpus=0.5)(assemble_fragment)
-        refs = [
-            task.remote(
+        args = [
+            (
                 self.job.uri,
                 f,
                 [(u, self.done[u.index].paths) for u in self.units_by_fragment[f]],
@@ -456,6 +519,15 @@ class _Run:
             )
             for f in fragments
         ]
+        if self.local:
+            return [assemble_fragment(*a) for a in args]
+        import ray
+
+        from laion_ray.ray_env import ensure_ray
+
+        ensure_ray(address)
+        task = ray.remote(num_cpus=0.5)(assemble_fragment)
+        refs = [task.remote(*a) for a in args]
         # Collect every result so no failure is left unhandled in Ray's log.
         results, failure = [], None
         for ref in refs:

@@ -47,43 +47,23 @@ def read_unit(
 
 
 class UnitDatasource(Datasource):
-    """Reads the planned units of a pinned dataset version.
+    """One read task per work unit; each gets ``read_unit``'s arguments.
 
-    Only ids and URIs travel to read tasks; each opens the dataset itself.
+    Only ids, URIs and small metadata travel to read tasks; each opens the
+    dataset itself.
     """
 
-    def __init__(
-        self,
-        uri: str,
-        version: int,
-        units: Sequence[WorkUnit],
-        columns: Sequence[str],
-        where: str | None,
-        skip_keys: Mapping[int, Sequence[int]],
-        storage_options: Mapping[str, str] | None,
-    ):
-        self.uri, self.version, self.units = uri, version, list(units)
-        self.columns, self.where = list(columns), where
-        self.skip_keys = dict(skip_keys)
-        self.storage_options = dict(storage_options or {})
+    def __init__(self, unit_reads: Sequence[tuple]):
+        self.unit_reads = list(unit_reads)
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-        return [self._task(unit) for unit in self.units]
+        return [self._task(args) for args in self.unit_reads]
 
-    def _task(self, unit: WorkUnit) -> ReadTask:
-        args = (
-            self.uri,
-            self.version,
-            unit,
-            self.columns,
-            self.where,
-            self.skip_keys.get(unit.fragment_id, ()),
-            self.storage_options,
-        )
-
+    @staticmethod
+    def _task(args: tuple) -> ReadTask:
         def read() -> Iterable[pa.Table]:
             table = read_unit(*args)
             if table.num_rows:
