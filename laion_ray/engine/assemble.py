@@ -44,15 +44,15 @@ def _read_parts(paths: Sequence[str], opts: Mapping[str, str]) -> pa.Table | Non
     return table.filter(pa.array(keep))
 
 
-def _current_values(ds, unit: WorkUnit, schema: pa.Schema) -> pa.Table:
+def _current_values(ds, unit: WorkUnit, schema: pa.Schema, added: Sequence[str]) -> pa.Table:
     """The unit's stored values: rows this job did not compute keep them.
 
-    A column added by this job reads as null; one that exists (incremental
-    fill, overwrite) keeps its values outside the rows in the parts.
+    A column this job ``added`` is null until its own commit; one that existed
+    before (incremental fill, overwrite) keeps its values outside the parts.
     """
     rows = unit.end - unit.start
     columns = {f.name: pa.nulls(rows, f.type) for f in schema}
-    existing = [f.name for f in schema if f.name in ds.schema.names]
+    existing = [f.name for f in schema if f.name in ds.schema.names and f.name not in added]
     if existing:
         base = unit.fragment_id << 32
         stored = (
@@ -71,6 +71,8 @@ def _current_values(ds, unit: WorkUnit, schema: pa.Schema) -> pa.Table:
 
 
 def _scatter(target: pa.Array | pa.ChunkedArray, offsets: np.ndarray, values) -> pa.Array:
+    if len(values) == len(target):  # every row computed: nothing of target survives
+        return pa.chunked_array(values).combine_chunks()
     position = np.arange(len(target), dtype=np.int64) + len(values)
     position[offsets] = np.arange(len(values))
     return pa.concat_arrays(
@@ -80,24 +82,24 @@ def _scatter(target: pa.Array | pa.ChunkedArray, offsets: np.ndarray, values) ->
 
 def _error_rows(part: pa.Table, fragment_id: int) -> list[dict]:
     rows: list[dict] = []
-    keys = part["key"].to_pylist() if "key" in part.column_names else [None] * part.num_rows
-    offsets = (part[ROWADDR].to_numpy() & 0xFFFFFFFF).tolist()
     for name in part.column_names:
-        if not name.startswith(ERROR_PREFIX):
+        if not name.startswith(ERROR_PREFIX) or part[name].null_count == part.num_rows:
             continue
-        for i, message in enumerate(part[name].to_pylist()):
-            if message is not None:
-                error_type, _, text = message.partition(": ")
-                rows.append(
-                    {
-                        "key": keys[i],
-                        "fragment_id": fragment_id,
-                        "row_offset": offsets[i],
-                        "udf": name[len(ERROR_PREFIX) :],
-                        "error_type": error_type,
-                        "message": text,
-                    }
-                )
+        failed = part.filter(pc.is_valid(part[name]))
+        keys = failed["key"].to_pylist() if "key" in failed.column_names else [None] * len(failed)
+        offsets = (failed[ROWADDR].to_numpy() & 0xFFFFFFFF).tolist()
+        for key, offset, message in zip(keys, offsets, failed[name].to_pylist(), strict=True):
+            error_type, _, text = message.partition(": ")
+            rows.append(
+                {
+                    "key": key,
+                    "fragment_id": fragment_id,
+                    "row_offset": offset,
+                    "udf": name[len(ERROR_PREFIX) :],
+                    "error_type": error_type,
+                    "message": text,
+                }
+            )
     return rows
 
 
@@ -107,6 +109,7 @@ def assemble_fragment(
     units: Sequence[tuple[WorkUnit, Sequence[str]]],
     physical_rows: int,
     schema: pa.Schema,
+    added: Sequence[str],
     storage_options: Mapping[str, str] | None,
 ) -> AssembledFragment:
     """Write ``schema``'s columns for every physical row of ``fragment_id``.
@@ -120,7 +123,7 @@ def assemble_fragment(
     writer = LanceFileWriter(join_uri(uri, "data", file_name), schema, storage_options=opts)
     errors: list[dict] = []
     for unit, paths in sorted(units, key=lambda u: u[0].start):
-        current = _current_values(ds, unit, schema)
+        current = _current_values(ds, unit, schema, added)
         part = _read_parts(paths, opts)
         if part is not None and part.num_rows:
             offsets = part[ROWADDR].to_numpy().astype(np.int64) - (fragment_id << 32) - unit.start

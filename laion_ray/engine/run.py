@@ -515,6 +515,7 @@ class _Run:
                 [(u, self.done[u.index].paths) for u in self.units_by_fragment[f]],
                 self.states[f].physical_rows,
                 self.job.outputs,
+                self.manifest["new_fields"],
                 self.storage_options,
             )
             for f in fragments
