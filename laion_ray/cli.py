@@ -576,6 +576,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``laion-ray`` with ``argv``; returns the exit code."""
+    return run(argv)
+
+
+def run(argv: Sequence[str] | None, *, log_config: bool = False) -> int:
+    """Parse and run one subcommand; ``log_config`` logs the parsed flags with
+    secrets masked (``ray job submit`` entry points do, for their job logs).
+
+    Exit codes: 0 success, 2 bad input (one line, no traceback), 1 any other
+    failure, 130 interrupted.
+    """
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(
@@ -583,6 +594,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(message)s",
             datefmt="%H:%M:%S",
         )
+        if log_config:
+            from laion_ray.storage import mask_secrets, resolve_storage_options
+
+            config = {k: v for k, v in vars(args).items() if k != "handler"}
+            for key in ("storage_option", "source_storage_option"):
+                if key in config:  # what the job will use, AWS_* environment included
+                    options = dict(o.partition("=")[::2] for o in config[key] or ())
+                    config[key] = mask_secrets(resolve_storage_options(options))
+            logging.getLogger("laion_ray").info("%s config: %s", args.command, config)
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("laion-ray: interrupted", file=sys.stderr)

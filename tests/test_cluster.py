@@ -311,7 +311,7 @@ def test_job_submit_runs_on_worker(cluster, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     print(f"aspect_ratio job: {time.monotonic() - t0:.1f}s")
-    assert "aspect_ratio config:" in out and "400 rows processed" in out, out[-4000:]
+    assert "backfill config:" in out and "400 rows processed" in out, out[-4000:]
 
     ds = lance.dataset(uri)
     table = ds.to_table(columns=["width", "height", "aspect_ratio", "is_high_res"])
