@@ -208,7 +208,7 @@ def backfill(
     stages = resolve_stages(udfs, batch_size=batch_size, concurrency=concurrency, params=udf_params)
     ds = open_dataset(uri, storage_options=storage_options)
     _check_inputs(ds, stages, where)
-    read_columns = dataset_inputs(stages, ds.schema.names)
+    read_columns = dataset_inputs(stages)
     if KEY in ds.schema.names and KEY not in read_columns:
         read_columns.append(KEY)  # error records name rows by key
     job = Job(

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import lance
 import numpy as np
@@ -104,10 +104,12 @@ def _error_counts(batch: pa.Table) -> np.ndarray:
     return failed.astype(np.int64)
 
 
-def finished_units(records: pa.Table) -> dict[int, FinishedUnit]:
+def finished_units(records: pa.Table | Iterable[dict]) -> dict[int, FinishedUnit]:
     """Units whose parts from one run cover every row the unit's read produced."""
+    if isinstance(records, pa.Table):
+        records = records.to_pylist()
     by_run: dict[tuple[int, str], list[dict]] = defaultdict(list)
-    for rec in records.to_pylist():
+    for rec in records:
         by_run[(rec["unit"], rec["run"])].append(rec)
     done: dict[int, FinishedUnit] = {}
     for (unit, _run), recs in by_run.items():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import lance
+import pyarrow as pa
 
 from laion_ray.udf import UDF
 
@@ -15,6 +16,7 @@ ROWADDR = "_rowaddr"
 UNIT = "_unit"
 UNIT_ROWS = "_unit_rows"
 ERROR_PREFIX = "_error:"
+KEEP = "_keep"  # optional: rows computed but with no new value (e.g. unmatched keys)
 # Units bound memory per task; image rows are ~50 KB so they get smaller units.
 IMAGE_UNIT_ROWS = 1024
 SCALAR_UNIT_ROWS = 131072
@@ -39,9 +41,6 @@ class FragmentState:
     input_files: tuple[str, ...]
 
 
-KEEP = "_keep"  # optional: rows computed but with no new value (e.g. unmatched keys)
-
-
 def error_column_name(producer: str) -> str:
     return f"{ERROR_PREFIX}{producer}"
 
@@ -50,17 +49,16 @@ def error_column(stage: UDF) -> str:
     return error_column_name(stage.name)
 
 
-def dataset_inputs(stages: Sequence[UDF], schema_names: Iterable[str]) -> list[str]:
-    """Columns to read from the dataset: stage inputs not produced in this run."""
+def dataset_inputs(stages: Sequence[UDF]) -> list[str]:
+    """Columns to read from the dataset: stage inputs not produced earlier in this run."""
     produced: set[str] = set()
     needed: list[str] = []
-    names = set(schema_names)
     for stage in stages:
         for col in stage.inputs:
             if col not in produced and col not in needed:
                 needed.append(col)
         produced.update(stage.outputs)
-    return [c for c in needed if c in names or c not in produced]
+    return needed
 
 
 def fragment_states(ds: lance.LanceDataset, input_columns: Sequence[str]) -> list[FragmentState]:
@@ -83,15 +81,17 @@ def split_units(states: Sequence[FragmentState], unit_rows: int) -> list[WorkUni
     return units
 
 
-def default_unit_rows(input_columns: Sequence[str], schema) -> int:
-    import pyarrow as pa
-
-    wide = any(
+def reads_binary(input_columns: Sequence[str], schema: pa.Schema) -> bool:
+    """Whether the job reads image-like (binary) columns: wide rows."""
+    return any(
         pa.types.is_large_binary(schema.field(c).type) or pa.types.is_binary(schema.field(c).type)
         for c in input_columns
         if c in schema.names
     )
-    return IMAGE_UNIT_ROWS if wide else SCALAR_UNIT_ROWS
+
+
+def default_unit_rows(input_columns: Sequence[str], schema: pa.Schema) -> int:
+    return IMAGE_UNIT_ROWS if reads_binary(input_columns, schema) else SCALAR_UNIT_ROWS
 
 
 def job_fingerprint_of(identity: str, **options: object) -> str:

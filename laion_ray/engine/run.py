@@ -33,12 +33,12 @@ from .assemble import assemble_fragment
 from .commit import UDF_METADATA, add_columns, check_unchanged, replace_column_files
 from .plan import (
     ROWADDR,
-    SCALAR_UNIT_ROWS,
     WorkUnit,
     default_unit_rows,
     error_column_name,
     fragment_states,
     job_fingerprint_of,
+    reads_binary,
     split_units,
 )
 from .progress import Progress
@@ -251,7 +251,7 @@ def run_job(
     else:
         log.info("resuming job %s from its checkpoint", fingerprint)
     planned_rows = sum(f["physical_rows"] for f in manifest["fragments"])
-    narrow = default_unit_rows(job.read_columns, ds.schema) == SCALAR_UNIT_ROWS
+    narrow = not reads_binary(job.read_columns, ds.schema)
     import ray
 
     attached = bool(address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
@@ -416,7 +416,7 @@ class _Run:
                     self.report.rows_failed += rec["errors"]
                     runs = in_run[(rec["unit"], rec["run"])]
                     runs.append(rec)
-                    unit = ckpt.finished_units(pa.Table.from_pylist(runs, ckpt.RECORD_SCHEMA))
+                    unit = ckpt.finished_units(runs)
                     if rec["unit"] in unit and rec["unit"] not in self.done:
                         self.done[rec["unit"]] = unit[rec["unit"]]
                         finished_now += 1
