@@ -248,7 +248,8 @@ def _joined(thread: threading.Thread, out: dict, timeout: float = 180) -> object
 def test_driver_sigkill_resume_recomputes_only_in_flight_units(tmp_path, ray_session):
     uri, clean = _copies(tmp_path, rows=600, fragments=3, seed=3)
     log = tmp_path / "keys.log"
-    env = _cli_env(log, delay=0.3)
+    # Slow enough that the kill lands mid-job even with 8 unit tasks in parallel.
+    env = _cli_env(log, delay=2.0)
     cmd = _backfill_cmd(uri)
     unit_of = _unit_of_key(uri)
     started = time.monotonic()
@@ -448,7 +449,7 @@ def test_sigkill_after_a_periodic_commit_then_rerun_matches_clean_run(tmp_path, 
     def committed() -> list[dict]:
         return [e for e in job_history(uri) if e["operation"] == "DataReplacement"]
 
-    proc = _start(cmd, _cli_env(delay=0.3), tmp_path / "run1.err")
+    proc = _start(cmd, _cli_env(delay=2.0), tmp_path / "run1.err")
     _wait_for(committed, 120, "the first periodic commit", proc)
     leftovers = _kill_session(proc)
     print(f"orphaned Ray processes killed after the driver: {leftovers}")
