@@ -187,7 +187,7 @@ def backfill(
         tag: Tag the resulting version.
         batch_size, concurrency: Override the UDFs' defaults.
         udf_params: Per-UDF parameters, e.g. ``{"moderation-rules": {"nsfw_threshold": 0.8}}``.
-        unit_rows: Rows per work unit (default: 1024 for image inputs, else 131072).
+        unit_rows: Rows per work unit (default: about 64 MiB of input, e.g. 1024 image rows).
         commit_every_s: Commit finished fragments at least this often.
         checkpoint_uri: Where checkpoints and errors live (default ``<uri>/_laion_ray``).
         report_path: Write the final report as JSON here.

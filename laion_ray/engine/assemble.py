@@ -15,11 +15,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from lance.file import LanceFileReader, LanceFileWriter
+from lance.file import LanceFileWriter
 
 from laion_ray.error_log import ERROR_SCHEMA
 from laion_ray.storage import join_uri, open_dataset, resolve_storage_options
 
+from .checkpoint import read_part
 from .commit import check_unchanged
 from .plan import ERROR_PREFIX, ROWADDR, WorkUnit
 
@@ -32,16 +33,16 @@ class AssembledFragment:
 
 
 def _read_parts(paths: Sequence[str], opts: Mapping[str, str]) -> pa.Table | None:
-    tables = [LanceFileReader(p, storage_options=dict(opts)).read_all().to_table() for p in paths]
-    if not tables:
+    if not paths:
         return None
-    table = pa.concat_tables(tables)
-    # One value per row address, in physical order.
-    order = pc.sort_indices(table[ROWADDR])
-    table = table.take(order)
+    table = pa.concat_tables([read_part(p, opts) for p in paths])
     addr = table[ROWADDR].to_numpy()
-    keep = np.concatenate([[True], addr[1:] != addr[:-1]]) if len(addr) else np.array([], bool)
-    return table.filter(pa.array(keep))
+    if np.all(addr[1:] > addr[:-1]):  # the usual case: one part, in row order
+        return table
+    # One value per row address, in physical order (a unit retried within a run).
+    table = table.take(pc.sort_indices(table[ROWADDR]))
+    addr = table[ROWADDR].to_numpy()
+    return table.filter(pa.array(np.concatenate([[True], addr[1:] != addr[:-1]])))
 
 
 def _current_values(ds, unit: WorkUnit, schema: pa.Schema, added: Sequence[str]) -> pa.Table:

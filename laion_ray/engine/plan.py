@@ -17,9 +17,12 @@ UNIT = "_unit"
 UNIT_ROWS = "_unit_rows"
 ERROR_PREFIX = "_error:"
 KEEP = "_keep"  # optional: rows computed but with no new value (e.g. unmatched keys)
-# Units bound memory per task; image rows are ~50 KB so they get smaller units.
-IMAGE_UNIT_ROWS = 1024
-SCALAR_UNIT_ROWS = 131072
+# A unit bounds a task's memory: about UNIT_BYTES of input, so an image unit
+# (rows of ~50 KB) holds ~1k rows and one of two int64 columns 1M rows.
+UNIT_BYTES = 64 * 1024**2
+MAX_UNIT_ROWS = 1 << 20
+BINARY_ROW_BYTES = 64 * 1024  # a LAION JPEG, rounded up
+STRING_ROW_BYTES = 64  # a caption or URL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +93,24 @@ def reads_binary(input_columns: Sequence[str], schema: pa.Schema) -> bool:
     )
 
 
+def _row_bytes(t: pa.DataType) -> int:
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return BINARY_ROW_BYTES
+    if pa.types.is_fixed_size_list(t):
+        return t.list_size * _row_bytes(t.value_type)
+    if pa.types.is_struct(t):
+        return sum(_row_bytes(f.type) for f in t) or 1
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return 8 * _row_bytes(t.value_type)
+    try:
+        return max(1, t.bit_width // 8)
+    except ValueError:  # strings and other variable-width types
+        return STRING_ROW_BYTES
+
+
 def default_unit_rows(input_columns: Sequence[str], schema: pa.Schema) -> int:
-    return IMAGE_UNIT_ROWS if reads_binary(input_columns, schema) else SCALAR_UNIT_ROWS
+    width = sum(_row_bytes(schema.field(c).type) for c in input_columns if c in schema.names)
+    return max(1, min(MAX_UNIT_ROWS, UNIT_BYTES // max(width, 1)))
 
 
 def job_fingerprint_of(identity: str, **options: object) -> str:

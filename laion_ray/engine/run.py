@@ -228,7 +228,12 @@ def run_job(
     new, overwritten, incremental = classify_outputs(ds, job.outputs, overwrite=job.overwrite)
     root = checkpoint_root(job.uri, checkpoint_uri)
     fingerprint = job_fingerprint_of(
-        job.identity, uri=job.uri, where=job.where, overwrite=job.overwrite, retry=retry_errors
+        job.identity,
+        uri=job.uri,
+        where=job.where,
+        overwrite=job.overwrite,
+        retry=retry_errors,
+        parts=ckpt.PART_FORMAT,
     )
     checkpoint = ckpt.JobCheckpoint(root, fingerprint, storage_options)
     manifest = checkpoint.load_manifest()
@@ -363,7 +368,7 @@ class _Run:
 
         from laion_ray.ray_env import ensure_ray
 
-        from .source import UnitDatasource
+        from .datasource import UnitDatasource
 
         ensure_ray(address)
         source = UnitDatasource([self._read_args(u, skip_keys) for u in todo])

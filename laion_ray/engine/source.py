@@ -1,14 +1,12 @@
-"""Ray Data source: one read task per work unit, reading only needed columns."""
+"""Read one work unit: only the needed columns, only the unit's rows."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
 from laion_ray.storage import open_dataset
 
@@ -44,30 +42,3 @@ def read_unit(
     return table.append_column(UNIT, pa.array(np.full(n, unit.index, np.int32))).append_column(
         UNIT_ROWS, pa.array(np.full(n, n, np.int32))
     )
-
-
-class UnitDatasource(Datasource):
-    """One read task per work unit; each gets ``read_unit``'s arguments.
-
-    Only ids, URIs and small metadata travel to read tasks; each opens the
-    dataset itself.
-    """
-
-    def __init__(self, unit_reads: Sequence[tuple]):
-        self.unit_reads = list(unit_reads)
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-        return [self._task(args) for args in self.unit_reads]
-
-    @staticmethod
-    def _task(args: tuple) -> ReadTask:
-        def read() -> Iterable[pa.Table]:
-            table = read_unit(*args)
-            if table.num_rows:
-                yield table
-
-        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        return ReadTask(read, meta)

@@ -102,22 +102,29 @@ def apply_stage(
     if len(todo) < batch.num_rows:
         inputs = inputs.take(pa.array(todo))
     outputs, failures = compute_with_bisect(fn, stage, inputs)
-    errors: list[str | None] = [None] * batch.num_rows
-    for row, message in failures:
-        errors[int(todo[row])] = message
     if failures:
         log.debug(
             "%s: %d failing rows isolated in a batch of %d", stage.name, len(failures), len(todo)
         )
-    # Scatter back: row i takes output position[i], or the trailing null row.
-    position = np.full(batch.num_rows, len(todo), dtype=np.int64)
-    position[todo] = np.arange(len(todo))
-    padded = pa.concat_tables([outputs, _null_table(stage.output_schema, 1)])
-    scattered = padded.take(pa.array(position))
+    if len(todo) < batch.num_rows:
+        # Scatter back: row i takes output position[i], or the trailing null row.
+        position = np.full(batch.num_rows, len(todo), dtype=np.int64)
+        position[todo] = np.arange(len(todo))
+        padded = pa.concat_tables([outputs, _null_table(stage.output_schema, 1)])
+        outputs = padded.take(pa.array(position))
     result = batch.select([c for c in keep if c in batch.column_names and c not in stage.outputs])
     for name in stage.outputs:
-        result = result.append_column(stage.output_schema.field(name), scattered[name])
-    return result.append_column(error_column(stage), pa.array(errors, pa.string()))
+        result = result.append_column(stage.output_schema.field(name), outputs[name])
+    return result.append_column(error_column(stage), _error_messages(batch.num_rows, todo, failures))
+
+
+def _error_messages(rows: int, todo: np.ndarray, failures: list[tuple[int, str]]) -> pa.Array:
+    if not failures:
+        return pa.nulls(rows, pa.string())
+    errors: list[str | None] = [None] * rows
+    for row, message in failures:
+        errors[int(todo[row])] = message
+    return pa.array(errors, pa.string())
 
 
 class ActorStage:
