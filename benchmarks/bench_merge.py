@@ -1,8 +1,12 @@
 """Merge on key: laion-ray ``merge`` against pylance's single-process ``LanceDataset.merge``.
 
 Builds a 1M-row scalar dataset (8 fragments) and a 1M-key Parquet label table
-of two columns (shuffled keys), merges it into two copies, one per tool, checks
-that the results are equal and prints the rows/s ratio and the peak driver RSS.
+of two columns (shuffled keys), merges it into one copy per contender, checks
+that the results are equal and prints the rows/s ratios and the peak driver RSS.
+
+Contenders: pylance ``LanceDataset.merge`` (one process); laion-ray with the
+local executor (what ``--executor auto`` picks for this source when no Ray is
+running); laion-ray on Ray (started before timing, as a cluster would be).
 
 Example:
     python benchmarks/bench_merge.py --rows 1000000 --fragments 8
@@ -50,15 +54,19 @@ class PeakRSS:
 
     def __enter__(self) -> PeakRSS:
         self.peak, self._stop = 0, threading.Event()
+        self.start = self._rss()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
     def _sample(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
         while True:
-            with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            self.peak = max(self.peak, self._rss())
             if self._stop.wait(0.01):
                 return
 
@@ -81,36 +89,77 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-merge-"))
     work.mkdir(parents=True, exist_ok=True)
-    base, ours, theirs = work / "base.lance", work / "ours.lance", work / "theirs.lance"
-    for path in (base, ours, theirs):
+    base, theirs = work / "base.lance", work / "theirs.lance"
+    ours = {executor: work / f"ours_{executor}.lance" for executor in ("local", "ray")}
+    for path in (base, theirs, *ours.values()):
         shutil.rmtree(path, ignore_errors=True)
     lance.write_dataset(
         _dataset(args.rows, 0), base, max_rows_per_file=-(-args.rows // args.fragments)
     )
-    shutil.copytree(base, ours)
-    shutil.copytree(base, theirs)
+    for path in (theirs, *ours.values()):
+        shutil.copytree(base, path)
     labels_path = work / "labels.parquet"
     pq.write_table(_labels(args.rows, 0), labels_path)
     ensure_ray(num_cpus=args.num_cpus)  # started before timing, as a cluster would be
+
+    # One untimed warm-up per contender on a small table (imports, Ray worker
+    # processes), as in bench_backfill.py; the cold first Ray merge is printed too.
+    small = work / "small.lance"
+    shutil.rmtree(small, ignore_errors=True)
+    lance.write_dataset(_dataset(10_000, 1), small, max_rows_per_file=2_500)
+    pq.write_table(_labels(10_000, 1), work / "small_labels.parquet")
+    cold = {}
+    for contender in ("pylance", "local", "ray"):
+        warm = work / f"warm_{contender}.lance"
+        shutil.rmtree(warm, ignore_errors=True)
+        shutil.copytree(small, warm)
+        start = time.perf_counter()
+        if contender == "pylance":
+            lance.dataset(str(warm)).merge(pq.read_table(work / "small_labels.parquet"), "key")
+        else:
+            merge(str(warm), source=str(work / "small_labels.parquet"), executor=contender)
+        cold[contender] = time.perf_counter() - start
 
     start = time.perf_counter()
     lance.dataset(str(theirs)).merge(pq.read_table(labels_path), left_on="key")
     pylance_s = time.perf_counter() - start
 
-    with PeakRSS() as rss:
-        start = time.perf_counter()
-        report = merge(str(ours), source=str(labels_path))
-        ours_s = time.perf_counter() - start
+    seconds, rss, strategy = {}, {}, None
+    for executor, path in ours.items():
+        with PeakRSS() as peak:
+            start = time.perf_counter()
+            report = merge(str(path), source=str(labels_path), executor=executor)
+            seconds[executor] = time.perf_counter() - start
+        rss[executor], strategy = (peak.start, peak.peak), report.strategy
 
     cols = ["key", "aesthetic", "label"]
-    got = lance.dataset(str(ours)).to_table(columns=cols).sort_by("key")
     want = lance.dataset(str(theirs)).to_table(columns=cols).sort_by("key")
-    assert got.equals(want), "laion-ray and pylance merges differ"
-    print(f"rows={args.rows} fragments={args.fragments} label_columns=2 strategy={report.strategy}")
+    for executor, path in ours.items():
+        got = lance.dataset(str(path)).to_table(columns=cols).sort_by("key")
+        assert got.equals(want), f"laion-ray ({executor}) and pylance merges differ"
+    print(f"rows={args.rows} fragments={args.fragments} label_columns=2 strategy={strategy}")
     print(f"pylance LanceDataset.merge: {pylance_s:.2f}s ({args.rows / pylance_s:,.0f} rows/s)")
-    print(f"laion-ray merge: {ours_s:.2f}s ({args.rows / ours_s:,.0f} rows/s)")
-    print(f"ratio laion-ray/pylance rows/s: {pylance_s / ours_s:.2f}")
-    print(f"peak driver RSS during laion-ray merge: {rss.peak / 2**20:,.0f} MiB")
+    for executor, s in seconds.items():
+        print(f"laion-ray merge, {executor} executor: {s:.2f}s ({args.rows / s:,.0f} rows/s)")
+    print(
+        "ratio laion-ray (local executor, auto's choice without Ray) / pylance rows/s: "
+        f"{pylance_s / seconds['local']:.2f} (target >= 1)"
+    )
+    print(
+        f"ratio laion-ray (ray executor) / pylance rows/s: {pylance_s / seconds['ray']:.2f}"
+        " (target >= 1)"
+    )
+    print(
+        "warm-up (10k rows, first call in the process): "
+        + ", ".join(f"{c} {t:.2f}s" for c, t in cold.items())
+    )
+    print(
+        "peak driver RSS during laion-ray merge: "
+        + ", ".join(
+            f"{e} executor {b / 2**20:,.0f} MiB (at its start {a / 2**20:,.0f} MiB)"
+            for e, (a, b) in rss.items()
+        )
+    )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

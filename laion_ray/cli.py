@@ -53,6 +53,15 @@ def _ray_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _executor_flag(parser: argparse.ArgumentParser, auto: str) -> None:
+    parser.add_argument(
+        "--executor",
+        choices=["auto", "ray", "local"],
+        default="auto",
+        help=f"{auto}, the rest on Ray",
+    )
+
+
 def _storage(args: argparse.Namespace) -> dict[str, str]:
     from laion_ray.storage import parse_storage_options
 
@@ -169,6 +178,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
         help="sources up to this size are broadcast, larger ones joined by a shuffle",
     )
     p.add_argument("--num-partitions", type=int, help="buckets of the shuffle join")
+    _executor_flag(p, "auto: small broadcast merges run in-process when no Ray is running")
     p.add_argument("--unit-rows", type=int, help="rows per work unit (checkpoint granularity)")
     p.add_argument("--commit-every", type=float, default=COMMIT_EVERY_S, metavar="SECONDS")
     p.add_argument("--checkpoint-uri", help="where checkpoints live (default URI/_laion_ray)")
@@ -212,6 +222,7 @@ def _merge(args: argparse.Namespace) -> None:
         broadcast_max_bytes=args.broadcast_max_bytes,
         num_partitions=args.num_partitions,
         commit_every_s=args.commit_every,
+        executor=args.executor,
     )
     print(report.summary())
 
@@ -295,12 +306,7 @@ def _backfill_args(p: argparse.ArgumentParser) -> None:
         "--checkpoint-uri", help="where checkpoints/errors live (default URI/_laion_ray)"
     )
     p.add_argument("--report", metavar="FILE", help="write the final summary as JSON")
-    p.add_argument(
-        "--executor",
-        choices=["auto", "ray", "local"],
-        default="auto",
-        help="auto: small function-UDF jobs on narrow columns run in-process, the rest on Ray",
-    )
+    _executor_flag(p, "auto: small function-UDF jobs on narrow columns run in-process")
     _ray_flags(p)
     _storage_flags(p)
 

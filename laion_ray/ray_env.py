@@ -8,6 +8,13 @@ import os
 log = logging.getLogger(__name__)
 
 
+def ray_attached(address: str | None = None) -> bool:
+    """Whether work here goes to a Ray that is named or already running."""
+    import ray
+
+    return bool(address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Initialise Ray once per process.
 

@@ -241,11 +241,15 @@ def test_auto_executor_runs_cheap_jobs_in_process_and_the_rest_on_ray(many_fragm
     import sys
 
     from laion_ray.backfill import _local_transform, resolve_stages
-    from laion_ray.engine.run import LOCAL_MAX_ROWS, Job, choose_executor
+    from laion_ray.engine.run import LOCAL_MAX_ROWS, Job
+    from laion_ray.engine.run import choose_executor as choose
 
     def job(udfs):
         stages = resolve_stages(udfs, params={"clip-embed": {"random_weights": True}})
         return Job(many_fragments, "j", "i", [], pa.schema([]), [], None, _local_transform(stages))
+
+    def choose_executor(job, executor, **kw):
+        return choose(executor, can_run_local=job.local_transform is not None, **kw)
 
     cheap = job(["aspect-ratio"])
     small = dict(planned_rows=600, narrow=True)
@@ -261,7 +265,7 @@ def test_auto_executor_runs_cheap_jobs_in_process_and_the_rest_on_ray(many_fragm
         choose_executor(cheap, "gpu", **small, ray_attached=False)
     model = job(["clip-embed"])  # an actor stage: never in-process
     assert model.local_transform is None
-    with pytest.raises(LaionRayError, match="function UDFs only"):
+    with pytest.raises(LaionRayError, match="function UDFs and broadcast merges only"):
         choose_executor(model, "local", **small, ray_attached=False)
     # A fresh CLI process with no Ray: the cheap job runs in-process.
     report = tmp_path / "r.json"

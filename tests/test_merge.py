@@ -21,7 +21,16 @@ from laion_ray.sample import write_sample
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 ROWS = 300
-STRATEGIES = {"broadcast": {}, "shuffle": {"broadcast_max_bytes": 0, "num_partitions": 3}}
+STRATEGIES = {
+    "broadcast": {},
+    "shuffle": {"broadcast_max_bytes": 0, "num_partitions": 3},
+    "local": {"executor": "local"},  # the broadcast join, in this process
+}
+
+
+def _check_strategy(report, strategy: str) -> None:
+    assert report.strategy == ("broadcast" if strategy == "local" else strategy)
+    assert report.job.executor == ("local" if strategy == "local" else "ray")
 
 
 def _labels(keys) -> pa.Table:
@@ -63,8 +72,17 @@ def dataset(tmp_path):
         (1, None, 64, "broadcast"),
         (4, "key % 5 = 2 OR key < 7", 50, "broadcast"),
         (4, "key % 5 = 2 OR key < 7", 50, "shuffle"),
+        (6, None, 40, "local"),
+        (4, "key % 5 = 2 OR key < 7", 50, "local"),
     ],
-    ids=["many-fragments", "single-fragment", "deleted-rows", "deleted-rows-shuffle"],
+    ids=[
+        "many-fragments",
+        "single-fragment",
+        "deleted-rows",
+        "deleted-rows-shuffle",
+        "many-fragments-local",
+        "deleted-rows-local",
+    ],
 )
 def test_partial_coverage_with_extra_keys_equals_pylance(
     tmp_path, strategy, fragments, deleted, unit_rows
@@ -84,7 +102,7 @@ def test_partial_coverage_with_extra_keys_equals_pylance(
     report = merge(
         uri, source=str(tmp_path / "labels.parquet"), unit_rows=unit_rows, **STRATEGIES[strategy]
     )
-    assert report.strategy == strategy
+    _check_strategy(report, strategy)
     assert report.source_rows == len(keys)
     assert report.matched_keys == len(live & set(keys))
     assert report.unmatched_keys == len(keys) - report.matched_keys
@@ -102,14 +120,14 @@ def test_partial_coverage_with_extra_keys_equals_pylance(
         assert lance.dataset(uri).count_rows(deleted) == 0
 
 
-@pytest.mark.parametrize("strategy", ["broadcast"])
+@pytest.mark.parametrize("strategy", ["broadcast", "local"])
 def test_full_coverage_cli_tag_history_and_unmatched_out(dataset, tmp_path, strategy):
     labels = _labels(list(range(ROWS)) + [5000, 5001])
     pq.write_table(labels.slice(0, 150), tmp_path / "a.parquet")
     pq.write_table(labels.slice(150), tmp_path / "b.parquet")
     out = tmp_path / "unmatched.csv"
     report_path = tmp_path / "report.json"
-    extra = ["--broadcast-max-bytes", "0"] if strategy == "shuffle" else []
+    extra = ["--executor", "local"] if strategy == "local" else []
     argv = ["merge", dataset, "--from", str(tmp_path / "a.parquet")]
     argv += ["--from", str(tmp_path / "b.parquet"), "--on", "key", "--columns", "aesthetic"]
     argv += ["--tag", "labels-v1", "--unmatched-out", str(out), "--report", str(report_path)]
@@ -119,7 +137,9 @@ def test_full_coverage_cli_tag_history_and_unmatched_out(dataset, tmp_path, stra
     assert got["aesthetic"].to_pylist() == [(k % 11) / 2 for k in range(ROWS)]
     assert "label" not in lance.dataset(dataset).schema.names
     assert sorted(pacsv.read_csv(out)["key"].to_pylist()) == [5000, 5001]
-    assert json.loads(report_path.read_text())["unmatched_keys"] == 2
+    written = json.loads(report_path.read_text())
+    assert written["unmatched_keys"] == 2
+    assert written["job"]["executor"] == ("local" if strategy == "local" else "ray")
     ds = lance.dataset(dataset)
     assert "labels-v1" in ds.tags.list()
     history = job_history(dataset)
@@ -171,7 +191,7 @@ def test_column_type_conflict_on_overwrite(dataset, tmp_path):
     assert values[1] == 7 and values[2] == 8
 
 
-@pytest.mark.parametrize("strategy", ["broadcast"])
+@pytest.mark.parametrize("strategy", ["broadcast", "local"])
 def test_overwrite_updates_matched_rows_and_keeps_the_rest(dataset, tmp_path, strategy):
     old = _values(dataset, ["key", "caption"])
     update = pa.table(
@@ -224,6 +244,26 @@ def test_source_formats(dataset, tmp_path, fmt):
     report = merge(dataset, source=path)
     assert report.unmatched_keys == 0 and report.matched_keys == ROWS - 10
     assert _values(dataset, labels.column_names).equals(expected)
+
+
+def test_auto_executor_merges_small_sources_in_process_without_ray(dataset, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    labels = _labels(range(0, ROWS, 3))
+    pq.write_table(labels, tmp_path / "l.parquet")
+    expected = _reference(dataset, tmp_path, labels)
+    report = tmp_path / "r.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "laion_ray.cli", "merge", dataset]
+    cmd += ["--from", str(tmp_path / "l.parquet"), "--report", str(report)]
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    assert json.loads(report.read_text())["job"]["executor"] == "local"
+    assert _values(dataset, labels.column_names).equals(expected)
+    # A shuffle join needs Ray: asking for it in-process is a clear error.
+    with pytest.raises(LaionRayError, match="broadcast merges only"):
+        merge(dataset, source=str(tmp_path / "l.parquet"), executor="local", broadcast_max_bytes=0)
 
 
 def test_changed_source_is_not_resumed_from_stale_checkpoints(dataset, tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 import uuid
 import warnings
@@ -25,6 +24,7 @@ import pyarrow.compute as pc
 
 from laion_ray.error_log import checkpoint_root, failed_keys_by_fragment, record_errors
 from laion_ray.errors import LaionRayError
+from laion_ray.ray_env import ray_attached
 from laion_ray.storage import filesystem, open_dataset
 from laion_ray.udf import TASK_CPUS
 
@@ -64,10 +64,10 @@ class Job:
         outputs: Stored output columns; field metadata names their producer.
         producers: Stage names that may record row errors.
         transform: Maps the Ray Dataset of unit rows to one that adds the
-            outputs and ``_error:<producer>`` columns (and may add ``_keep``).
+            outputs and ``_error:<producer>`` columns (and may add ``_keep``);
+            None for a job built to run only in this process.
         local_transform: The same as a plain function of one unit's table,
-            when the job can run without Ray (function UDFs only); see
-            :func:`choose_executor`.
+            when the job can run without Ray; see :func:`choose_executor`.
         where: Optional SQL filter on the rows to compute.
         overwrite: Whether existing output columns may be replaced.
         details: Extra facts for the commit history (UDF keys, parameters).
@@ -79,7 +79,7 @@ class Job:
     read_columns: list[str]
     outputs: pa.Schema
     producers: list[str]
-    transform: Callable[[Any], Any]
+    transform: Callable[[Any], Any] | None
     local_transform: Callable[[pa.Table], pa.Table] | None = None
     where: str | None = None
     overwrite: bool = False
@@ -177,28 +177,25 @@ LOCAL_MAX_ROWS = 4_000_000
 
 
 def choose_executor(
-    job: Job, executor: str, *, planned_rows: int, narrow: bool, ray_attached: bool
+    executor: str, *, can_run_local: bool, planned_rows: int, narrow: bool, ray_attached: bool
 ) -> bool:
     """Whether to run in this process (``True``) or on Ray Data.
 
-    ``auto`` runs locally only what Ray cannot speed up: function UDFs over
-    narrow columns of at most ``LOCAL_MAX_ROWS`` rows, with no cluster named
-    and no Ray already started here; seconds of Ray start-up and scheduling
-    would dwarf milliseconds of work. Everything else, and every cluster run,
-    goes to Ray.
+    ``auto`` runs locally only what Ray cannot speed up: jobs that can run
+    in-process at all (function UDFs, a broadcast merge) over narrow columns of
+    at most ``LOCAL_MAX_ROWS`` rows, with no cluster named and no Ray already
+    started here; seconds of Ray start-up and scheduling would dwarf
+    milliseconds of work. Everything else, and every cluster run, goes to Ray.
     """
     if executor not in ("auto", "ray", "local"):
         raise LaionRayError(f"--executor must be auto, ray or local, got {executor!r}")
-    if executor == "local" and job.local_transform is None:
-        raise LaionRayError("--executor local runs function UDFs only; this job needs Ray")
+    if executor == "local" and not can_run_local:
+        raise LaionRayError(
+            "--executor local runs function UDFs and broadcast merges only; this job needs Ray"
+        )
     if executor != "auto":
         return executor == "local"
-    return (
-        job.local_transform is not None
-        and narrow
-        and planned_rows <= LOCAL_MAX_ROWS
-        and not ray_attached
-    )
+    return can_run_local and narrow and planned_rows <= LOCAL_MAX_ROWS and not ray_attached
 
 
 def run_job(
@@ -257,11 +254,12 @@ def run_job(
         log.info("resuming job %s from its checkpoint", fingerprint)
     planned_rows = sum(f["physical_rows"] for f in manifest["fragments"])
     narrow = not reads_binary(job.read_columns, ds.schema)
-    import ray
-
-    attached = bool(address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
     local = choose_executor(
-        job, executor, planned_rows=planned_rows, narrow=narrow, ray_attached=attached
+        executor,
+        can_run_local=job.local_transform is not None,
+        planned_rows=planned_rows,
+        narrow=narrow,
+        ray_attached=ray_attached(address),
     )
     run = _Run(job, manifest, checkpoint, root, storage_options, max_error_fraction, local)
     report = run.execute(retry_errors, commit_every_s, address)

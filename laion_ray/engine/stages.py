@@ -115,7 +115,9 @@ def apply_stage(
     result = batch.select([c for c in keep if c in batch.column_names and c not in stage.outputs])
     for name in stage.outputs:
         result = result.append_column(stage.output_schema.field(name), outputs[name])
-    return result.append_column(error_column(stage), _error_messages(batch.num_rows, todo, failures))
+    return result.append_column(
+        error_column(stage), _error_messages(batch.num_rows, todo, failures)
+    )
 
 
 def _error_messages(rows: int, todo: np.ndarray, failures: list[tuple[int, str]]) -> pa.Array:

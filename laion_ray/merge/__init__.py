@@ -12,6 +12,9 @@ Two join strategies, chosen by the source's size (``broadcast_max_bytes``):
 - *broadcast*: one worker task loads the source, sorts it by key and keeps it
   in the object store; each unit batch looks its keys up (vectorised binary
   search, or ``pc.index_in`` for string keys). Nothing reaches the driver.
+  With ``executor="auto"`` and no Ray running, a source of at most
+  ``LOCAL_SOURCE_MAX_BYTES`` merged into at most ``LOCAL_MAX_ROWS`` rows is
+  joined the same way in this process, as small backfills are.
 - *shuffle*: the unit stream and the source are hash-partitioned on the key
   by Ray Data (``groupby(bucket).map_groups``) and joined per bucket, so the
   source never has to fit on one node. (Ray Data's ``Dataset.join`` needs
@@ -40,11 +43,12 @@ from typing import Any
 import pyarrow as pa
 
 from laion_ray.engine.commit import UDF_METADATA
-from laion_ray.engine.run import COMMIT_EVERY_S, Job, JobReport, run_job
+from laion_ray.engine.run import COMMIT_EVERY_S, Job, JobReport, choose_executor, run_job
 from laion_ray.errors import LaionRayError
-from laion_ray.merge.broadcast import validate_broadcast
+from laion_ray.merge.broadcast import validate_broadcast, validate_local
 from laion_ray.merge.shuffle import validate_shuffle
 from laion_ray.merge.source import FORMATS, SourceTable, open_source, plan_types, unwrap
+from laion_ray.ray_env import ray_attached
 from laion_ray.storage import filesystem, open_dataset
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ __all__ = ["BROADCAST_MAX_BYTES", "FORMATS", "MergeReport", "SourceTable", "merg
 
 # A source up to this size (bytes on disk) is broadcast; above it, shuffled.
 BROADCAST_MAX_BYTES = 512 * 1024**2
+# ``auto`` may join a source up to this size in this process (see merge()).
+LOCAL_SOURCE_MAX_BYTES = 128 * 1024**2
 
 
 # --- the report ---------------------------------------------------------------
@@ -130,6 +136,7 @@ def merge(
     broadcast_max_bytes: int = BROADCAST_MAX_BYTES,
     num_partitions: int | None = None,
     commit_every_s: float = COMMIT_EVERY_S,
+    executor: str = "auto",
 ) -> MergeReport:
     """Attach (or, with ``overwrite``, update) ``source``'s columns to ``uri`` by key.
 
@@ -162,6 +169,10 @@ def merge(
         broadcast_max_bytes: Sources up to this size are broadcast, larger ones shuffled.
         num_partitions: Buckets of the shuffle join (default: from the sizes).
         commit_every_s: Commit finished fragments at least this often.
+        executor: ``ray``, ``local`` (this process; broadcast joins only) or
+            ``auto``: local for a source of at most ``LOCAL_SOURCE_MAX_BYTES``
+            when no cluster is named and no Ray is running (see
+            :func:`laion_ray.engine.run.choose_executor`).
 
     Returns:
         A :class:`MergeReport`.
@@ -191,29 +202,28 @@ def merge(
         [pa.field(n, t).with_metadata({UDF_METADATA: producer}) for n, t in types.items()]
     )
     strategy = "broadcast" if src.size_bytes <= broadcast_max_bytes else "shuffle"
+    local = choose_executor(
+        executor,
+        can_run_local=strategy == "broadcast",
+        planned_rows=sum(f.metadata.physical_rows for f in ds.get_fragments()),
+        # The lookup is light per row; what a local run must hold is the source.
+        narrow=src.size_bytes <= LOCAL_SOURCE_MAX_BYTES,
+        ray_attached=ray_attached(address),
+    )
     report = MergeReport(uri, src.display, on, list(types), strategy, unmatched_out=unmatched_out)
-    ensure_ray(address)
     version = ds.version
-    try:
-        if strategy == "broadcast":
-            transform = validate_broadcast(
-                report, ds, version, src, on, key_type, types, unmatched_out, storage_options
-            )
-        else:
-            transform = validate_shuffle(
-                report,
-                ds,
-                version,
-                src,
-                on,
-                key_type,
-                types,
-                unmatched_out,
-                num_partitions,
-                storage_options,
-            )
-    except (ray.exceptions.RayError, RuntimeError, ValueError) as exc:
-        raise (unwrap(exc) or exc) from exc
+    args = (report, ds, version, src, on, key_type, types, unmatched_out)
+    if local:
+        transform = validate_local(*args, storage_options)
+    else:
+        ensure_ray(address)
+        try:
+            if strategy == "broadcast":
+                transform = validate_broadcast(*args, storage_options)
+            else:
+                transform = validate_shuffle(*args, num_partitions, storage_options)
+        except (ray.exceptions.RayError, RuntimeError, ValueError) as exc:
+            raise (unwrap(exc) or exc) from exc
     log.info("%s", report.summary())
     job = Job(
         uri=uri,
@@ -222,7 +232,8 @@ def merge(
         read_columns=[on],
         outputs=outputs,
         producers=[],
-        transform=transform,
+        transform=None if local else transform,
+        local_transform=transform if local else None,
         overwrite=overwrite,
         details={
             "source": src.display,
@@ -242,6 +253,7 @@ def merge(
             checkpoint_uri=checkpoint_uri,
             storage_options=storage_options,
             address=address,
+            executor="local" if local else "ray",
         )
     except (ray.exceptions.RayError, RuntimeError) as exc:
         raise (unwrap(exc) or exc) from exc

@@ -78,11 +78,8 @@ def positions(labels: pa.Table, on: str, keys) -> tuple[np.ndarray, np.ndarray]:
     return hit, pc.fill_null(idx, 0).to_numpy().astype(np.int64)
 
 
-def _lookup_batch(batch: pa.Table, *, labels_ref, on: str, columns: Sequence[str]) -> pa.Table:
-    """Ray Data stage: attach the label columns to a unit batch; ``_keep`` marks matches."""
-    import ray
-
-    labels = ray.get(labels_ref[0])
+def lookup(batch: pa.Table, labels: pa.Table, on: str, columns: Sequence[str]) -> pa.Table:
+    """Attach the label columns to a unit batch; ``_keep`` marks rows whose key matched."""
     hit, pos = positions(labels, on, batch[on])
     take = pa.array(np.where(hit, pos, 0))
     out = batch
@@ -92,37 +89,42 @@ def _lookup_batch(batch: pa.Table, *, labels_ref, on: str, columns: Sequence[str
     return out.append_column(KEEP, pa.array(hit))
 
 
-def _found_in_fragments(
+def _lookup_batch(batch: pa.Table, *, labels_ref, on: str, columns: Sequence[str]) -> pa.Table:
+    """Ray Data stage: :func:`lookup` against the labels in the object store."""
+    import ray
+
+    return lookup(batch, ray.get(labels_ref[0]), on, columns)
+
+
+def found_mask(
+    labels: pa.Table,
     uri: str,
     version: int,
     fragment_ids: Sequence[int],
     on: str,
-    labels_ref,
     storage_options: Mapping[str, str] | None,
-) -> bytes:
-    """Worker task: bitmap of the source rows whose key some row of these fragments has."""
-    import ray
-
-    labels = ray.get(labels_ref[0])
+) -> np.ndarray:
+    """Which source rows have their key in some row of these fragments."""
     found = np.zeros(len(labels), bool)
     ds = open_dataset(uri, version=version, storage_options=storage_options)
     for fid in fragment_ids:
         for batch in ds.get_fragment(fid).to_batches(columns=[on], batch_size=1 << 20):
             hit, pos = positions(labels, on, batch.column(0))
             found[pos[hit]] = True
-    return np.packbits(found).tobytes()
+    return found
 
 
-def _finish_broadcast_validation(
-    labels_ref, masks: Sequence[bytes], on: str, unmatched_out: str | None, options
-) -> dict:
-    """Worker task: count (and optionally write) source keys found in no fragment."""
+def _found_in_fragments(labels_ref, *args) -> bytes:
+    """Worker task: :func:`found_mask`, packed to a bitmap for the trip to the driver."""
     import ray
 
-    labels = ray.get(labels_ref[0])
-    found = np.zeros(len(labels), bool)
-    for mask in masks:
-        found |= np.unpackbits(np.frombuffer(mask, np.uint8), count=len(labels)).astype(bool)
+    return np.packbits(found_mask(ray.get(labels_ref[0]), *args)).tobytes()
+
+
+def unmatched(
+    labels: pa.Table, found: np.ndarray, on: str, unmatched_out: str | None, options
+) -> dict:
+    """Count (and optionally write) the source keys found in no fragment."""
     missing = labels[on].filter(pa.array(~found))
     if unmatched_out:
         write_keys(unmatched_out, [pa.table({on: missing})], options)
@@ -131,6 +133,36 @@ def _finish_broadcast_validation(
         "unmatched": len(missing),
         "examples": missing[:EXAMPLES].to_pylist(),
     }
+
+
+def _finish_broadcast_validation(labels_ref, masks: Sequence[bytes], *args) -> dict:
+    """Worker task: OR the fragments' bitmaps, then :func:`unmatched`."""
+    import ray
+
+    labels = ray.get(labels_ref[0])
+    found = np.zeros(len(labels), bool)
+    for mask in masks:
+        found |= np.unpackbits(np.frombuffer(mask, np.uint8), count=len(labels)).astype(bool)
+    return unmatched(labels, found, *args)
+
+
+def _record(report, facts: dict, result: dict) -> None:
+    report.source_rows = facts["rows"]
+    report.matched_keys = result["matched"]
+    report.unmatched_keys = result["unmatched"]
+    report.unmatched_examples = result["examples"]
+
+
+def validate_local(report, ds, version, src, on, key_type, types, unmatched_out, storage_options):
+    """In this process: load and check the source; return the lookup as a table function."""
+    labels, facts = load_broadcast(src, on, key_type, types)
+    duplicate_error(src, on, facts["duplicates"], facts["examples"])
+    fragments = [f.fragment_id for f in ds.get_fragments()]
+    found = found_mask(labels, ds.uri, version, fragments, on, storage_options)
+    result = unmatched(labels, found, on, unmatched_out, dict(src.storage_options))
+    _record(report, facts, result)
+    columns = list(types)
+    return lambda table: lookup(table, labels, on, columns)
 
 
 def validate_broadcast(
@@ -144,22 +176,19 @@ def validate_broadcast(
     )
     facts = ray.get(facts_ref)
     duplicate_error(src, on, facts["duplicates"], facts["examples"])
-    report.source_rows = facts["rows"]
     fragments = [f.fragment_id for f in ds.get_fragments()]
     cpus = max(1, int(ray.available_resources().get("CPU", 1)))
     groups = [fragments[i :: cpus * 2] for i in range(min(len(fragments), cpus * 2))]
     found = ray.remote(num_cpus=0.5)(_found_in_fragments)
     masks = ray.get(
-        [found.remote(ds.uri, version, g, on, [labels_ref], storage_options) for g in groups]
+        [found.remote([labels_ref], ds.uri, version, g, on, storage_options) for g in groups]
     )
     result = ray.get(
         ray.remote(num_cpus=0.5)(_finish_broadcast_validation).remote(
             [labels_ref], masks, on, unmatched_out, dict(src.storage_options)
         )
     )
-    report.matched_keys = result["matched"]
-    report.unmatched_keys = result["unmatched"]
-    report.unmatched_examples = result["examples"]
+    _record(report, facts, result)
     columns = list(types)
 
     def transform(data):
