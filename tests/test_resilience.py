@@ -23,7 +23,7 @@ import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from lance.file import LanceFileReader, LanceFileWriter
+from lance.file import LanceFileWriter
 from lance.fragment import DataFile
 
 from laion_ray.backfill import backfill
@@ -164,7 +164,7 @@ def _finished_units(uri: str) -> dict[int, ckpt.FinishedUnit]:
 def _unit_keys(unit: ckpt.FinishedUnit) -> set[int]:
     keys: set[int] = set()
     for path in unit.paths:
-        keys.update(LanceFileReader(path).read_all().to_table()["key"].to_pylist())
+        keys.update(ckpt.read_part(path, {})["key"].to_pylist())
     return keys
 
 

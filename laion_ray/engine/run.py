@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import lance
@@ -174,6 +176,7 @@ def _stale_reason(
 
 
 LOCAL_MAX_ROWS = 4_000_000
+LOCAL_THREADS = min(4, os.cpu_count() or 1)
 
 
 def choose_executor(
@@ -389,14 +392,27 @@ class _Run:
         return data.iter_batches(batch_size=None, batch_format="pyarrow")
 
     def _local_records(self, todo, skip_keys):
-        """The same steps in this process, unit by unit: no Ray start, no scheduling."""
+        """The same steps in this process: no Ray start, no scheduling.
+
+        Units run on a few threads: Lance reads, Arrow and numpy release the GIL.
+        """
         from .source import read_unit
 
         part_args = self._part_args()
-        for unit in todo:
+
+        def run_unit(unit: WorkUnit) -> pa.Table | None:
             table = read_unit(*self._read_args(unit, skip_keys))
-            if table.num_rows:
-                yield ckpt.write_parts(self.job.local_transform(table), **part_args)
+            if not table.num_rows:
+                return None
+            return ckpt.write_parts(self.job.local_transform(table), **part_args)
+
+        pool = ThreadPoolExecutor(LOCAL_THREADS, thread_name_prefix="laion-ray-unit")
+        try:
+            for records in pool.map(run_unit, todo):
+                if records is not None:
+                    yield records
+        finally:
+            pool.shutdown(cancel_futures=True)
 
     def _stream(self, todo, skip_keys, commit_every_s, address) -> None:
         records_stream = (
@@ -524,7 +540,8 @@ class _Run:
             for f in fragments
         ]
         if self.local:
-            return [assemble_fragment(*a) for a in args]
+            with ThreadPoolExecutor(LOCAL_THREADS) as pool:
+                return list(pool.map(lambda a: assemble_fragment(*a), args))
         import ray
 
         from laion_ray.ray_env import ensure_ray
