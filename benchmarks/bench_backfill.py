@@ -183,10 +183,13 @@ class WorkerRSS:
 
 
 # --- kill and resume ----------------------------------------------------------------
-def _cli(uri: str, unit_rows: int, env: dict[str, str], executor: str) -> subprocess.Popen:
+def _cli(
+    uri: str, unit_rows: int, delay_s: float, env: dict[str, str], executor: str
+) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "laion_ray.cli", "backfill", uri,
-        "--udf", "slow_udf:slow_ratio", "--unit-rows", str(unit_rows), "--executor", executor,
+        "--udf", "slow_udf:slow_ratio", "--param", f"slow_udf:slow_ratio.delay_s={delay_s}",
+        "--unit-rows", str(unit_rows), "--executor", executor,
     ]  # fmt: skip
     return subprocess.Popen(
         cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -249,19 +252,18 @@ def kill_and_resume(
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(HERE), str(REPO), env.get("PYTHONPATH", "")) if p
     )
-    env["BENCH_SLOW_DELAY_S"] = str(delay_s)
     env.pop("RAY_ADDRESS", None)
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     name = f"{executor}_{'cluster' if ray_address else 'private'}"
     clean_uri = fresh_copy(template, os.path.join(workdir, f"kill_clean_{name}.lance"))
     start = time.perf_counter()
-    clean_out = _finish(_cli(clean_uri, unit_rows, env, executor), "clean run")
+    clean_out = _finish(_cli(clean_uri, unit_rows, delay_s, env, executor), "clean run")
     clean_s = time.perf_counter() - start
 
     uri = fresh_copy(template, os.path.join(workdir, f"kill_resume_{name}.lance"))
     start = time.perf_counter()
-    proc = _cli(uri, unit_rows, env, executor)
+    proc = _cli(uri, unit_rows, delay_s, env, executor)
     killed_at = 0
     while proc.poll() is None:
         killed_at = _ledger_rows(uri)
@@ -269,11 +271,11 @@ def kill_and_resume(
             break
         time.sleep(0.25)
     if proc.poll() is not None:
-        raise RuntimeError("the slow run finished before reaching 50%; raise --slow-delay")
+        raise RuntimeError("the slow run finished before reaching 50%; raise --kill-seconds")
     _kill_tree(proc)
     killed_s = time.perf_counter() - start
     start = time.perf_counter()
-    rerun_out = _finish(_cli(uri, unit_rows, env, executor), "rerun")
+    rerun_out = _finish(_cli(uri, unit_rows, delay_s, env, executor), "rerun")
     rerun_s = time.perf_counter() - start
     assert check_columns(uri, "slow_ratio") == check_columns(clean_uri, "slow_ratio")
     return {
@@ -315,14 +317,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--kill-rows", type=int, help="rows in the kill test (default 131072; quick 65536)"
     )
-    p.add_argument("--kill-unit-rows", type=int, default=2048)
-    p.add_argument("--slow-delay", type=float, help="seconds slept per slow-UDF batch")
+    p.add_argument("--kill-unit-rows", type=int, default=1024)
+    p.add_argument(
+        "--kill-seconds",
+        type=float,
+        help="aimed-for clean-run time of the kill test (default 60; quick 20): the slow"
+        " UDF's delay per unit is set from it and each mode's parallelism",
+    )
     p.add_argument("--skip-kill", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.rows = min(args.rows, 200_000)
     kill_rows = args.kill_rows or (65536 if args.quick else 131072)
-    delay = args.slow_delay if args.slow_delay is not None else (0.6 if args.quick else 2.5)
+    kill_seconds = args.kill_seconds or (20.0 if args.quick else 60.0)
     if args.rows < args.fragments * 2 or args.fragments < 1:
         p.error(f"--rows {args.rows} must be at least twice --fragments {args.fragments}")
 
@@ -393,13 +400,19 @@ def main(argv: list[str] | None = None) -> dict:
         res["ray_startup_s"] = ray_startup_s()
         import ray
 
+        from laion_ray.engine.run import LOCAL_THREADS
+        from laion_ray.udf import TASK_CPUS
+
         running = ray.get_runtime_context().gcs_address  # this process's Ray, left running
-        modes = {
-            "--executor auto (local here)": ("auto", None),
-            "--executor ray, Ray cluster running": ("ray", running),
-            "--executor ray, private local Ray": ("ray", None),
+        units = -(-kill_rows // args.kill_unit_rows)
+        ray_tasks = int(ray.cluster_resources()["CPU"] / TASK_CPUS)
+        modes = {  # label: (executor, Ray address, units running at once)
+            "--executor auto (local here)": ("auto", None, LOCAL_THREADS),
+            "--executor ray, Ray cluster running": ("ray", running, ray_tasks),
+            "--executor ray, private local Ray": ("ray", None, ray_tasks),
         }
-        for label, (executor, address) in modes.items():
+        for label, (executor, address, parallel) in modes.items():
+            delay = round(kill_seconds * parallel / units, 3)  # one UDF batch per unit
             k = kill_and_resume(
                 kill_tpl, tables, kill_rows, args.kill_unit_rows, delay, executor, address
             )
@@ -408,7 +421,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"(kill at ~50% + rerun) / clean run wall time, {label} = "
                 f"{k['ratio']:.2f} (target <= 1.15)  [clean {k['clean_s']:.1f}s; killed after"
                 f" {k['killed_s']:.1f}s at {k['ledger_rows_at_kill']}/{kill_rows} ledger rows;"
-                f" rerun {k['rerun_s']:.1f}s"
+                f" rerun {k['rerun_s']:.1f}s; {units} units of {args.kill_unit_rows} rows,"
+                f" {parallel} at a time, {delay}s each"
                 + ("" if address else f"; bare Ray start {res['ray_startup_s']:.1f}s")
                 + "]"
             )

@@ -8,9 +8,16 @@ Examples:
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# Ray Data keeps a driver's cluster resource reservation until it expires, and
+# a SIGKILLed driver never cancels its own: with Ray's default of 180 s the
+# rerun of a crashed job ran on a sliver of the cluster for three minutes. Live
+# jobs renew theirs every 10 s. Read when ray.data is imported, hence here.
+os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "30")
 
 # Public name -> module. Resolved on first use so `import laion_ray` (and
 # `laion-ray info`) does not pull in Ray or torch.
