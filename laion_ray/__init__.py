@@ -14,10 +14,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 # Ray Data keeps a driver's cluster resource reservation until it expires, and
-# a SIGKILLed driver never cancels its own: with Ray's default of 180 s the
-# rerun of a crashed job ran on a sliver of the cluster for three minutes. Live
-# jobs renew theirs every 10 s. Read when ray.data is imported, hence here.
-os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "30")
+# a SIGKILLed driver never cancels its own: with Ray's defaults (renewed every
+# 10 s, expiring after 180 s) the rerun of a crashed job ran on a sliver of the
+# cluster for three minutes. Renewed every 3 s, a reservation can expire after
+# 10 s. Both are read when ray.data is imported, hence here.
+os.environ.setdefault("RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS", "3")
+os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "10")
 
 # Public name -> module. Resolved on first use so `import laion_ray` (and
 # `laion-ray info`) does not pull in Ray or torch.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -36,3 +38,33 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     # Our own progress reporting replaces Ray Data's bars.
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+def reclaim_expired_reservations() -> None:
+    """Make Ray Data's coordinator drop expired reservations soon (in the background).
+
+    A SIGKILLed driver's reservation expires (see ``laion_ray/__init__``) but
+    the coordinator purges expired ones only on its 20 s tick, so a rerun that
+    starts right after a crash would run on a sliver of the cluster for up to
+    half a minute. Asking for a recomputed view purges them; this asks every
+    2 s until any reservation alive at the crash must have expired. Ray-internal
+    API: best effort, a failure only means the tick does it later.
+    """
+    expiry = float(os.environ.get("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "10"))
+
+    def poll() -> None:
+        try:
+            import ray
+            from ray.data._internal.cluster_autoscaler import (
+                get_or_create_autoscaling_coordinator,
+            )
+
+            coordinator = get_or_create_autoscaling_coordinator()
+            deadline = time.monotonic() + expiry + 2
+            while time.monotonic() < deadline:
+                time.sleep(2)
+                ray.get(coordinator.get_reserved_resources.remote("laion-ray", recompute=True))
+        except Exception as exc:  # noqa: BLE001 - best effort by design
+            log.debug("could not poll Ray Data's autoscaling coordinator: %s", exc)
+
+    threading.Thread(target=poll, name="laion-ray-reservations", daemon=True).start()

@@ -367,11 +367,12 @@ class _Run:
         """Ledger records from the Ray Data pipeline: read -> transform -> parts."""
         import ray
 
-        from laion_ray.ray_env import ensure_ray
+        from laion_ray.ray_env import ensure_ray, reclaim_expired_reservations
 
         from .datasource import UnitDatasource
 
         ensure_ray(address)
+        reclaim_expired_reservations()
         source = UnitDatasource([self._read_args(u, skip_keys) for u in todo])
         # Ray 2.60 has no named max_retries for reads yet; ray_remote_args warns.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
