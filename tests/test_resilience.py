@@ -246,7 +246,8 @@ def _joined(thread: threading.Thread, out: dict, timeout: float = 180) -> object
 
 
 def test_driver_sigkill_resume_recomputes_only_in_flight_units(tmp_path, ray_session):
-    uri, clean = _copies(tmp_path, rows=600, fragments=3, seed=3)
+    rows = 1200  # 24 units: three waves of 8 parallel unit tasks on 2 CPUs
+    uri, clean = _copies(tmp_path, rows=rows, fragments=3, seed=3)
     log = tmp_path / "keys.log"
     # Slow enough that the kill lands mid-job even with 8 unit tasks in parallel.
     env = _cli_env(log, delay=2.0)
@@ -260,7 +261,7 @@ def test_driver_sigkill_resume_recomputes_only_in_flight_units(tmp_path, ray_ses
 
     finished = _finished_units(uri)  # what the killed driver had recorded
     done_keys = set().union(*(_unit_keys(u) for u in finished.values()))
-    assert len(finished) < 12, "the kill came too late to leave work undone"
+    assert len(finished) < rows // UNIT_ROWS, "the kill came too late to leave work undone"
     with log.open("a") as f:
         f.write(RERUN)
     report = _run_to_end(cmd, env, tmp_path / "report.json")
@@ -274,8 +275,8 @@ def test_driver_sigkill_resume_recomputes_only_in_flight_units(tmp_path, ray_ses
     assert not done_keys & set(rerun)
     assert report["rows_resumed"] == len(done_keys)
     # ...and the rerun computed every other row exactly once
-    assert sorted(rerun) == sorted(set(range(600)) - done_keys)
-    assert report["rows_processed"] == 600 - len(done_keys)
+    assert sorted(rerun) == sorted(set(range(rows)) - done_keys)
+    assert report["rows_processed"] == rows - len(done_keys)
     # (c) recomputation is confined to units in flight at the kill: started, not recorded
     in_flight = {unit_of[k] for k in first} - set(finished)
     recomputed = set(first) & set(rerun)
