@@ -326,6 +326,12 @@ def main(argv: list[str] | None = None) -> dict:
         " UDF's delay per unit is set from it and each mode's parallelism",
     )
     p.add_argument("--skip-kill", action="store_true")
+    p.add_argument(
+        "--kill-modes",
+        default="auto,cluster,private",
+        help="kill-test modes: auto (local executor), cluster (--executor ray on a running"
+        " Ray), private (--executor ray, each run its own local Ray)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.rows = min(args.rows, 200_000)
@@ -421,12 +427,13 @@ def main(argv: list[str] | None = None) -> dict:
         running = ray.get_runtime_context().gcs_address  # this process's Ray, left running
         units = -(-kill_rows // args.kill_unit_rows)
         ray_tasks = int(ray.cluster_resources()["CPU"] / TASK_CPUS)
-        modes = {  # label: (executor, Ray address, units running at once)
-            "--executor auto (local here)": ("auto", None, LOCAL_THREADS),
-            "--executor ray, Ray cluster running": ("ray", running, ray_tasks),
-            "--executor ray, private local Ray": ("ray", None, ray_tasks),
+        modes = {  # name: (label, executor, Ray address, units running at once)
+            "auto": ("--executor auto (local here)", "auto", None, LOCAL_THREADS),
+            "cluster": ("--executor ray, Ray cluster running", "ray", running, ray_tasks),
+            "private": ("--executor ray, private local Ray", "ray", None, ray_tasks),
         }
-        for label, (executor, address, parallel) in modes.items():
+        for mode in args.kill_modes.split(","):
+            label, executor, address, parallel = modes[mode.strip()]
             delay = round(kill_seconds * parallel / units, 3)  # one UDF batch per unit
             k = kill_and_resume(
                 kill_tpl, tables, kill_rows, args.kill_unit_rows, delay, executor, address
