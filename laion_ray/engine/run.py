@@ -241,6 +241,7 @@ def run_job(
         log.warning("discarding stale checkpoint %s: %s", fingerprint, reason)
         checkpoint.remove()
         manifest = None
+    resumed = manifest is not None
     if manifest is None:
         manifest = {
             "uri": job.uri,
@@ -264,7 +265,7 @@ def run_job(
         narrow=narrow,
         ray_attached=ray_attached(address),
     )
-    run = _Run(job, manifest, checkpoint, root, storage_options, max_error_fraction, local)
+    run = _Run(job, manifest, checkpoint, root, storage_options, max_error_fraction, local, resumed)
     report = run.execute(retry_errors, commit_every_s, address)
     if tag:
         latest = open_dataset(job.uri, storage_options=storage_options)
@@ -285,9 +286,11 @@ def run_job(
 class _Run:
     """One execution of a planned job: stream units, checkpoint, commit."""
 
-    def __init__(self, job: Job, manifest, checkpoint, root, storage_options, max_errors, local):
+    def __init__(
+        self, job: Job, manifest, checkpoint, root, storage_options, max_errors, local, resumed
+    ):
         self.job, self.manifest, self.checkpoint, self.root = job, manifest, checkpoint, root
-        self.local = local
+        self.local, self.resumed = local, resumed
         self.storage_options = dict(storage_options or {})
         self.max_errors = max_errors
         self.states = {s.fragment_id: s for s in ckpt.states_from_json(manifest["fragments"])}
@@ -372,7 +375,8 @@ class _Run:
         from .datasource import UnitDatasource
 
         ensure_ray(address)
-        reclaim_expired_reservations()
+        if self.resumed:  # an earlier driver of this job may have died holding the cluster
+            reclaim_expired_reservations()
         source = UnitDatasource([self._read_args(u, skip_keys) for u in todo])
         # Ray 2.60 has no named max_retries for reads yet; ray_remote_args warns.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
