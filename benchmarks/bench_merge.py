@@ -7,6 +7,7 @@ that the results are equal and prints the rows/s ratios and the peak driver RSS.
 Contenders: pylance ``LanceDataset.merge`` (one process); laion-ray with the
 local executor (what ``--executor auto`` picks for this source when no Ray is
 running); laion-ray on Ray (started before timing, as a cluster would be).
+Each figure is the median of interleaved repeats on fresh copies.
 
 Example:
     python benchmarks/bench_merge.py --rows 1000000 --fragments 8
@@ -81,6 +82,7 @@ def main() -> None:
     p.add_argument("--fragments", type=int, default=8)
     p.add_argument("--workdir", help="default: a temporary directory")
     p.add_argument("--num-cpus", type=int, help="local Ray CPUs (default: all)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -91,13 +93,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     base, theirs = work / "base.lance", work / "theirs.lance"
     ours = {executor: work / f"ours_{executor}.lance" for executor in ("local", "ray")}
-    for path in (base, theirs, *ours.values()):
-        shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(base, ignore_errors=True)
     lance.write_dataset(
         _dataset(args.rows, 0), base, max_rows_per_file=-(-args.rows // args.fragments)
     )
-    for path in (theirs, *ours.values()):
-        shutil.copytree(base, path)
     labels_path = work / "labels.parquet"
     pq.write_table(_labels(args.rows, 0), labels_path)
     ensure_ray(num_cpus=args.num_cpus)  # started before timing, as a cluster would be
@@ -120,17 +119,25 @@ def main() -> None:
             merge(str(warm), source=str(work / "small_labels.parquet"), executor=contender)
         cold[contender] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    lance.dataset(str(theirs)).merge(pq.read_table(labels_path), left_on="key")
-    pylance_s = time.perf_counter() - start
-
-    seconds, rss, strategy = {}, {}, None
-    for executor, path in ours.items():
-        with PeakRSS() as peak:
-            start = time.perf_counter()
-            report = merge(str(path), source=str(labels_path), executor=executor)
-            seconds[executor] = time.perf_counter() - start
-        rss[executor], strategy = (peak.start, peak.peak), report.strategy
+    # Interleaved repeats, each on a fresh copy; the median of each contender.
+    times: dict[str, list[float]] = {"pylance": [], "local": [], "ray": []}
+    rss, strategy = {}, None
+    for repeat in range(args.repeats):
+        for path in (theirs, *ours.values()):
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.copytree(base, path)
+        start = time.perf_counter()
+        lance.dataset(str(theirs)).merge(pq.read_table(labels_path), left_on="key")
+        times["pylance"].append(time.perf_counter() - start)
+        for executor, path in ours.items():
+            with PeakRSS() as peak:
+                start = time.perf_counter()
+                report = merge(str(path), source=str(labels_path), executor=executor)
+                times[executor].append(time.perf_counter() - start)
+            if repeat == 0:
+                rss[executor], strategy = (peak.start, peak.peak), report.strategy
+    pylance_s = float(np.median(times["pylance"]))
+    seconds = {executor: float(np.median(times[executor])) for executor in ours}
 
     cols = ["key", "aesthetic", "label"]
     want = lance.dataset(str(theirs)).to_table(columns=cols).sort_by("key")
@@ -138,9 +145,16 @@ def main() -> None:
         got = lance.dataset(str(path)).to_table(columns=cols).sort_by("key")
         assert got.equals(want), f"laion-ray ({executor}) and pylance merges differ"
     print(f"rows={args.rows} fragments={args.fragments} label_columns=2 strategy={strategy}")
-    print(f"pylance LanceDataset.merge: {pylance_s:.2f}s ({args.rows / pylance_s:,.0f} rows/s)")
+    runs = {c: " ".join(f"{t:.2f}" for t in ts) for c, ts in times.items()}
+    print(
+        f"pylance LanceDataset.merge: {pylance_s:.2f}s ({args.rows / pylance_s:,.0f} rows/s)"
+        f"  [runs {runs['pylance']}]"
+    )
     for executor, s in seconds.items():
-        print(f"laion-ray merge, {executor} executor: {s:.2f}s ({args.rows / s:,.0f} rows/s)")
+        print(
+            f"laion-ray merge, {executor} executor: {s:.2f}s ({args.rows / s:,.0f} rows/s)"
+            f"  [runs {runs[executor]}]"
+        )
     print(
         "ratio laion-ray (local executor, auto's choice without Ray) / pylance rows/s: "
         f"{pylance_s / seconds['local']:.2f} (target >= 1)"
