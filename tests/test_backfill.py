@@ -281,3 +281,16 @@ def test_auto_executor_runs_cheap_jobs_in_process_and_the_rest_on_ray(many_fragm
     ]
     subprocess.run([*cmd, "--report", str(report)], check=True, env=env, capture_output=True)
     assert json.loads(report.read_text())["executor"] == "local"
+
+
+def test_units_are_sized_by_bytes_of_input():
+    from laion_ray.engine.plan import MAX_UNIT_ROWS, UNIT_BYTES, default_unit_rows
+    from laion_ray.sample import SCHEMA
+
+    def rows(*columns):
+        return default_unit_rows(list(columns), SCHEMA)
+
+    assert rows("image") == 1024  # ~64 KB JPEGs: a unit stays ~64 MiB
+    assert rows("width", "height") == MAX_UNIT_ROWS  # 16 B a row: capped, not 4M rows
+    assert rows("img_emb") == UNIT_BYTES // (768 * 4)  # 3 KB vectors: ~21k rows
+    assert rows("image", "caption") < rows("image") < rows("img_emb") < rows("caption")
