@@ -1,4 +1,5 @@
-"""Connect to Ray: an existing cluster when one is named, else a local one."""
+"""Connect to Ray (an existing cluster when one is named, else a local one) and
+keep a crashed driver's Ray Data reservation from starving its rerun."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def reclaim_expired_reservations() -> None:
             while time.monotonic() < deadline:
                 time.sleep(2)
                 ray.get(coordinator.get_reserved_resources.remote("laion-ray", recompute=True))
-        except Exception as exc:  # noqa: BLE001 - best effort by design
+        except Exception as exc:  # best effort by design
             log.debug("could not poll Ray Data's autoscaling coordinator: %s", exc)
 
     threading.Thread(target=poll, name="laion-ray-reservations", daemon=True).start()
