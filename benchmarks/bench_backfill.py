@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     # repeats, median of each (sub-second runs on a shared machine are noisy).
     full = make_table(t("full.lance"), args.rows, args.fragments, seed=2)
     contenders = {
-        "laion_s": lambda uri: run_laion_ray(uri),
+        "laion_s": run_laion_ray,
         # What `laion-ray backfill` picks for this job when no Ray is running (auto).
         "laion_local_s": lambda uri: run_laion_ray(uri, "local"),
         "lance_ray_s": lambda uri: run_lance_ray(uri, args.lance_ray_batch_size),
