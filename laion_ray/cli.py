@@ -53,13 +53,24 @@ def _ray_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _executor_flag(parser: argparse.ArgumentParser, auto: str) -> None:
+def _job_flags(parser: argparse.ArgumentParser, *, auto: str) -> None:
+    """Flags of every engine job (backfill, merge): checkpoints, report, executor, Ray, storage."""
+    from laion_ray.engine.run import COMMIT_EVERY_S
+
+    parser.add_argument("--unit-rows", type=int, help="rows per work unit (checkpoint granularity)")
+    parser.add_argument("--commit-every", type=float, default=COMMIT_EVERY_S, metavar="SECONDS")
+    parser.add_argument(
+        "--checkpoint-uri", help="where checkpoints/errors live (default URI/_laion_ray)"
+    )
+    parser.add_argument("--report", metavar="FILE", help="write the report as JSON")
     parser.add_argument(
         "--executor",
         choices=["auto", "ray", "local"],
         default="auto",
         help=f"{auto}, the rest on Ray",
     )
+    _ray_flags(parser)
+    _storage_flags(parser)
 
 
 def _storage(args: argparse.Namespace) -> dict[str, str]:
@@ -144,7 +155,6 @@ def _info(args: argparse.Namespace) -> None:
     ),
 )
 def _merge_args(p: argparse.ArgumentParser) -> None:
-    from laion_ray.engine.run import COMMIT_EVERY_S
     from laion_ray.merge import BROADCAST_MAX_BYTES, FORMATS
 
     p.add_argument("uri")
@@ -178,11 +188,6 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
         help="sources up to this size are broadcast, larger ones joined by a shuffle",
     )
     p.add_argument("--num-partitions", type=int, help="buckets of the shuffle join")
-    _executor_flag(p, "auto: small broadcast merges run in-process when no Ray is running")
-    p.add_argument("--unit-rows", type=int, help="rows per work unit (checkpoint granularity)")
-    p.add_argument("--commit-every", type=float, default=COMMIT_EVERY_S, metavar="SECONDS")
-    p.add_argument("--checkpoint-uri", help="where checkpoints live (default URI/_laion_ray)")
-    p.add_argument("--report", metavar="FILE", help="write the report as JSON")
     p.add_argument(
         "--source-storage-option",
         action="append",
@@ -190,8 +195,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="object-store option for the source (default: the --storage-option values)",
     )
-    _ray_flags(p)
-    _storage_flags(p)
+    _job_flags(p, auto="auto: small broadcast merges run in-process when no Ray is running")
 
 
 @_merge_args
@@ -277,8 +281,6 @@ def _parse_params(pairs: list[str]) -> dict[str, dict[str, object]]:
     ),
 )
 def _backfill_args(p: argparse.ArgumentParser) -> None:
-    from laion_ray.engine.run import COMMIT_EVERY_S
-
     p.add_argument("uri")
     p.add_argument(
         "--udf",
@@ -300,15 +302,7 @@ def _backfill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", help="tag the resulting version")
     p.add_argument("--batch-size", type=int, help="rows per UDF call (default: per UDF)")
     p.add_argument("--concurrency", type=int, help="actors per model stage")
-    p.add_argument("--unit-rows", type=int, help="rows per work unit (checkpoint granularity)")
-    p.add_argument("--commit-every", type=float, default=COMMIT_EVERY_S, metavar="SECONDS")
-    p.add_argument(
-        "--checkpoint-uri", help="where checkpoints/errors live (default URI/_laion_ray)"
-    )
-    p.add_argument("--report", metavar="FILE", help="write the final summary as JSON")
-    _executor_flag(p, "auto: small function-UDF jobs on narrow columns run in-process")
-    _ray_flags(p)
-    _storage_flags(p)
+    _job_flags(p, auto="auto: small function-UDF jobs on narrow columns run in-process")
 
 
 @_backfill_args
