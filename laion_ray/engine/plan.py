@@ -84,17 +84,17 @@ def split_units(states: Sequence[FragmentState], unit_rows: int) -> list[WorkUni
     return units
 
 
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
 def reads_binary(input_columns: Sequence[str], schema: pa.Schema) -> bool:
     """Whether the job reads image-like (binary) columns: wide rows."""
-    return any(
-        pa.types.is_large_binary(schema.field(c).type) or pa.types.is_binary(schema.field(c).type)
-        for c in input_columns
-        if c in schema.names
-    )
+    return any(_is_binary(schema.field(c).type) for c in input_columns if c in schema.names)
 
 
 def _row_bytes(t: pa.DataType) -> int:
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+    if _is_binary(t):
         return BINARY_ROW_BYTES
     if pa.types.is_fixed_size_list(t):
         return t.list_size * _row_bytes(t.value_type)
