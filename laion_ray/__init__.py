@@ -7,9 +7,7 @@ Examples:
 
 from __future__ import annotations
 
-import importlib
 import os
-from typing import Any
 
 __version__ = "0.1.0"
 
@@ -21,27 +19,37 @@ __version__ = "0.1.0"
 os.environ.setdefault("RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS", "3")
 os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "10")
 
-# Public name -> module. Resolved on first use so `import laion_ray` (and
-# `laion-ray info`) does not pull in Ray or torch.
-_EXPORTS = {
-    "backfill": "laion_ray.backfill",
-    "merge": "laion_ray.merge",
-    "reindex": "laion_ray.index",
-    "search": "laion_ray.search",
-    "materialize": "laion_ray.materialize",
-    "write_sample": "laion_ray.sample",
-    "dataset_info": "laion_ray.info",
-    "job_history": "laion_ray.history",
-    "list_errors": "laion_ray.error_log",
-    "udf": "laion_ray.udf",
-    "UDF": "laion_ray.udf",
-    "register": "laion_ray.udf",
-    "LaionRayError": "laion_ray.errors",
-}
-__all__ = sorted(_EXPORTS)
+# The public API, bound eagerly. Several names are also the names of the
+# modules that implement them (laion_ray.backfill, .merge, .search, ...): Python
+# sets a package attribute to the submodule when the submodule is first
+# imported, so a lazily resolved name would turn from the function into the
+# module on its second use. Binding here, after those imports, keeps each name
+# the documented callable. These modules import Lance and Arrow but never Ray
+# or torch at import time, so `import laion_ray` stays quick.
+from laion_ray.backfill import backfill  # noqa: E402
+from laion_ray.error_log import list_errors  # noqa: E402
+from laion_ray.errors import LaionRayError  # noqa: E402
+from laion_ray.history import job_history  # noqa: E402
+from laion_ray.index import reindex  # noqa: E402
+from laion_ray.info import dataset_info  # noqa: E402
+from laion_ray.materialize import materialize  # noqa: E402
+from laion_ray.merge import merge  # noqa: E402
+from laion_ray.sample import write_sample  # noqa: E402
+from laion_ray.search import search  # noqa: E402
+from laion_ray.udf import UDF, register, udf  # noqa: E402
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'laion_ray' has no attribute {name!r}")
+__all__ = [
+    "UDF",
+    "LaionRayError",
+    "backfill",
+    "dataset_info",
+    "job_history",
+    "list_errors",
+    "materialize",
+    "merge",
+    "register",
+    "reindex",
+    "search",
+    "udf",
+    "write_sample",
+]

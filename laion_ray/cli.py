@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -584,16 +585,38 @@ def run(argv: Sequence[str] | None, *, log_config: bool = False) -> int:
     """Parse and run one subcommand; ``log_config`` logs the parsed flags with
     secrets masked (``ray job submit`` entry points do, for their job logs).
 
+    Quiet by default: Ray's and Lance's own output goes to a log file that is
+    kept, and named, only when the command fails; ``-v`` shows it all.
+
     Exit codes: 0 success, 2 bad input (one line, no traceback), 1 any other
     failure, 130 interrupted.
     """
     try:
         args = build_parser().parse_args(argv)
+    except LaionRayError as exc:
+        print(f"laion-ray: error: {exc}", file=sys.stderr)
+        return 2
+    if args.verbose:
         logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(message)s",
+            level=logging.DEBUG,
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
             datefmt="%H:%M:%S",
         )
+        return _dispatch(args, log_config=log_config, log_path=None)
+    from laion_ray import console
+
+    with console.quiet(args.command) as log_path:
+        code = _dispatch(args, log_config=log_config, log_path=log_path)
+    if code in (0, 2, 130):  # nothing in the log the user needs
+        os.unlink(log_path)
+    return code
+
+
+def _dispatch(args: argparse.Namespace, *, log_config: bool, log_path: str | None) -> int:
+    """Run the parsed command; errors become one line on the terminal and an exit code."""
+    from laion_ray.console import terminal
+
+    try:
         if log_config:
             from laion_ray.storage import mask_secrets, resolve_storage_options
 
@@ -605,17 +628,21 @@ def run(argv: Sequence[str] | None, *, log_config: bool = False) -> int:
             logging.getLogger("laion_ray").info("%s config: %s", args.command, config)
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
-        print("laion-ray: interrupted", file=sys.stderr)
+        print("laion-ray: interrupted", file=terminal())
         return 130
     except Exception as exc:
         # Ray re-raises a worker's error wrapped; the user's mistake may be inside.
         user_error = _find_user_error(exc)
         if user_error is not None:
-            print(f"laion-ray: error: {user_error}", file=sys.stderr)
+            print(f"laion-ray: error: {user_error}", file=terminal())
             return 2
-        if logging.getLogger().isEnabledFor(logging.DEBUG):
+        if log_path is None:  # -v: the whole story
             raise
-        print(f"laion-ray: failed: {brief(exc)} (rerun with -v for details)", file=sys.stderr)
+        print(
+            f"laion-ray: failed: {brief(exc)} (rerun with -v for details; "
+            f"Ray and Lance logs: {log_path})",
+            file=terminal(),
+        )
         return 1
 
 

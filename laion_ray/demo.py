@@ -31,14 +31,17 @@ def _step(lines: list[str], title: str, fn: Callable[[], str]) -> None:
 def run_demo(
     directory: str = "./laion-ray-demo", *, rows: int = 1000, address: str | None = None
 ) -> list[str]:
-    """Generate a sample and run sample -> backfill -> re-embed -> merge -> reindex -> search.
+    """Generate a sample and run sample -> backfill -> merge -> re-embed -> reindex -> search.
+
+    Ray starts only when a step needs it (the model actors): cheap function
+    UDFs and a small merge run in this process, as ``--executor auto`` would
+    run them on any laptop.
 
     Returns the printed account, one line per step.
     """
     from laion_ray.backfill import backfill
     from laion_ray.index import reindex
     from laion_ray.merge import merge
-    from laion_ray.ray_env import ensure_ray
     from laion_ray.sample import write_sample
     from laion_ray.search import format_hits, search
 
@@ -46,8 +49,8 @@ def run_demo(
     if os.path.exists(directory):
         shutil.rmtree(directory)
     os.makedirs(directory)
-    ensure_ray(address)
-    lines = [f"laion-ray demo in {directory} ({rows} rows, local Ray)"]
+    where = f"Ray at {address}" if address else "local Ray"
+    lines = [f"laion-ray demo in {directory} ({rows} rows, {where})"]
     print(lines[0], flush=True)
 
     sample = None
@@ -106,12 +109,20 @@ def run_demo(
         print(format_hits(hits), flush=True)
         return f"top {len(hits)} neighbours of row 0 (NSFW = 0 AND width >= 128, prefilter)"
 
+    started = time.monotonic()
     _step(lines, "sample", make_sample)
     _step(lines, "backfill aspect-ratio + rules", rules)
-    _step(lines, "re-embed clip + zero-shot labels", embed)
     _step(lines, "merge labels on key", labels)
+    _step(lines, "re-embed clip + zero-shot labels", embed)
     _step(lines, "rebuild IVF_PQ index", index)
     _step(lines, "ANN search", query)
-    lines.append(f"done: `laion-ray info {uri}` and `laion-ray history {uri}` show the result")
-    print(lines[-1], flush=True)
+    lines += [
+        f"done in {time.monotonic() - started:.0f}s. Results:",
+        f"  dataset       {uri}",
+        f"  recall plot   {os.path.join(directory, 'recall.png')} "
+        f"(report {os.path.join(directory, 'recall.json')})",
+        f"  errors        laion-ray errors {uri}",
+        f"  inspect       laion-ray info {uri}   and   laion-ray history {uri}",
+    ]
+    print("\n".join(lines[-5:]), flush=True)
     return lines

@@ -92,28 +92,3 @@ def test_subprocess_missing_path_has_no_traceback():
     assert proc.returncode == 2
     _assert_one_error_line(proc.stderr, "/nonexistent")
     assert proc.stdout == ""
-
-
-@pytest.mark.slow
-def test_demo_runs_every_step_on_local_ray_and_says_its_weights_are_random(
-    tmp_path, ray_session, capsys
-):
-    import lance
-
-    from laion_ray.history import job_history
-
-    directory = tmp_path / "demo"
-    assert main(["demo", "--dir", str(directory), "--rows", "600"]) == 0
-    out = capsys.readouterr().out
-    for step in ("sample", "backfill", "re-embed", "merge labels", "IVF_PQ", "ANN search"):
-        assert step in out, step
-    assert "RANDOM WEIGHTS" in out
-    ds = lance.dataset(str(directory / "laion.lance"))
-    table = ds.to_table(columns=["aspect_ratio", "moderation_label", "img_emb", "aesthetic_score"])
-    assert table.num_rows == 600
-    assert table["moderation_label"].null_count == 0
-    assert table["aesthetic_score"].null_count == 0  # every key has a label
-    assert table["img_emb"].null_count < 600 * 0.05  # only the injected bad images
-    assert [i["name"] for i in ds.list_indices()] == ["img_emb_idx"]
-    assert "rules-v1" in ds.tags.list()
-    assert len(job_history(str(directory / "laion.lance"))) >= 3

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
+
+from laion_ray.console import terminal
 
 log = logging.getLogger("laion_ray")
 
@@ -21,10 +22,13 @@ class Progress:
         self.started = time.monotonic()
         self._last_log = self.started
         self._bar = None
-        if sys.stderr.isatty():
+        stream = terminal()
+        if stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_rows, desc=job, unit="row", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total_rows, desc=job, unit="row", dynamic_ncols=True, file=stream
+            )
 
     def update(self, rows: int, errors: int, units: int) -> None:
         self.rows += rows

@@ -279,7 +279,7 @@ def run_job(
         fs, path = filesystem(report_path)
         with fs.open_output_stream(path) as f:
             f.write(json.dumps(report.to_dict(), indent=2).encode())
-    log.info("%s", report.summary())
+    log.debug("%s", report.summary())  # callers print it; the CLI does
     return report
 
 
