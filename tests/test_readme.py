@@ -57,21 +57,24 @@ def test_readme_python_blocks_run_as_written(tmp_path):
     )
     code = blocks("python")
     assert code, "README.md has no python block"
+    printed = ""
     for i, block in enumerate(code):
         script = tmp_path / f"readme_block_{i}.py"
         script.write_text(block)
         proc = _run([sys.executable, str(script)], tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:]
         assert "Traceback" not in proc.stdout
+        printed += proc.stdout
 
-    # What the blocks promise happened, checked against the data.
+    # What the blocks promise happened, checked against the data. (The
+    # reindex call's recall gate decides on its own whether the index swaps.)
+    assert f"{ROWS} rows processed" in printed
     table = lance.dataset(str(tmp_path / "laion.lance")).to_table(
         columns=["caption", "caption_len", "width", "height", "aspect_ratio", "key", "label"]
     )
     assert table["caption_len"].equals(pc.utf8_length(table["caption"]).cast(pa.int64()))
     assert table["label"].to_pylist() == [k % 3 for k in table["key"].to_pylist()]
     assert table["aspect_ratio"].null_count == 0
-    assert [i["name"] for i in lance.dataset(str(tmp_path / "laion.lance")).list_indices()]
 
 
 # What Ray, Lance and Python print on their own; none of it may reach a quiet run.
@@ -113,13 +116,15 @@ def test_readme_demo_command_runs_as_written():
 
         uri = str(demo_dir / "laion.lance")
         ds = lance.dataset(uri)
+        new_embedding = "img_emb_vit_s_32"  # clip-embed's column for the demo's model
         table = ds.to_table(
-            columns=["aspect_ratio", "moderation_label", "img_emb", "aesthetic_score"]
+            columns=["aspect_ratio", "moderation_label", new_embedding, "aesthetic_score"]
         )
         assert table.num_rows == 1000
         assert table["moderation_label"].null_count == 0
         assert table["aesthetic_score"].null_count == 0  # every key has a label
-        assert 0 < table["img_emb"].null_count < 1000 * 0.05  # the injected bad images only
+        # Null exactly where the sample injected bad images (1% of 1000).
+        assert 0 < table[new_embedding].null_count <= 10
         assert [i["name"] for i in ds.list_indices()] == ["img_emb_idx"]
         assert "rules-v1" in ds.tags.list()
         assert len(job_history(uri)) >= 3
