@@ -434,8 +434,8 @@ class _Run:
         # Ray 2.60 has no named max_retries for reads yet; ray_remote_args warns.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
         part_args = self._part_args()
-        units, wave = self._todo(), self._wave_units()
-        while wave := list(itertools.islice(units, wave)) if wave else list(units):
+        units, size = self._todo(), self._wave_units()
+        while wave := list(itertools.islice(units, size)):
             source = UnitDatasource([self._read_args(u) for u in wave])
             read = ray.data.read_datasource(
                 source,
@@ -452,8 +452,6 @@ class _Run:
                 max_retries=MAX_RETRIES,
             )
             yield from data.iter_batches(batch_size=None, batch_format="pyarrow")
-            if not self.job.per_unit:
-                return
 
     def _local_records(self) -> Iterator[pa.Table]:
         """The same steps in this process: no Ray start, no scheduling.
