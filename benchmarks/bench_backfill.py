@@ -55,6 +55,9 @@ except ImportError:  # Ray vendors psutil in ray/thirdparty_files; importing ray
     importlib.import_module("ray")
     psutil = importlib.import_module("psutil")
 
+from laion_ray.engine.checkpoint import JobCheckpoint
+from laion_ray.error_log import checkpoint_root
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 AR_SCHEMA = pa.schema([pa.field("aspect_ratio", pa.float64()), pa.field("is_high_res", pa.bool_())])
@@ -205,16 +208,11 @@ def _finish(proc: subprocess.Popen, what: str) -> str:
 
 
 def _ledger_rows(uri: str) -> int:
+    """Rows in the finished units of the job's checkpoint (its part files)."""
     rows = 0
-    for ledger in glob.glob(os.path.join(uri, "_laion_ray", "jobs", "*", "ledger.lance")):
-        try:
-            col = lance.dataset(ledger).to_table(columns=["path", "rows"])
-        except Exception:  # being created right now
-            continue
-        # A retried flush may append a record twice; count each part once.
-        rows += sum(
-            dict(zip(col["path"].to_pylist(), col["rows"].to_pylist(), strict=True)).values()
-        )
+    for job in glob.glob(os.path.join(uri, "_laion_ray", "jobs", "*")):
+        checkpoint = JobCheckpoint(checkpoint_root(uri), os.path.basename(job), None)
+        rows += sum(u.rows for u in checkpoint.finished_units().values())
     return rows
 
 

@@ -6,12 +6,14 @@ the same store as the data, and is listed by ``laion-ray errors URI``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import lance
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from laion_ray.storage import join_uri, resolve_storage_options
 
@@ -93,16 +95,47 @@ def list_errors(
     return ds.to_table(filter=f"udf = {_quote([udf])}" if udf else None, limit=limit)
 
 
+@dataclasses.dataclass(frozen=True)
+class KnownBad:
+    """Keys of one fragment that failed before, sorted by the row they were in."""
+
+    offsets: np.ndarray  # row offset in the fragment, ascending
+    keys: np.ndarray
+
+    def keys_in(self, start: int, end: int) -> np.ndarray:
+        """Keys recorded at rows ``[start, end)``: what one work unit must skip.
+
+        Rows are matched by key in the unit, so an offset gone stale (the
+        fragment was rewritten) costs a recomputation, never a wrong skip.
+        """
+        lo, hi = np.searchsorted(self.offsets, [start, end])
+        return self.keys[lo:hi]
+
+
 def failed_keys_by_fragment(
     root: str, udfs: Sequence[str], storage_options: Mapping[str, str] | None = None
-) -> dict[int, list[int]]:
-    """Keys that failed in any of ``udfs``, grouped by the fragment they were in."""
+) -> dict[int, KnownBad]:
+    """Keys that failed in any of ``udfs``, per fragment, to be handed out per unit.
+
+    Held as numpy arrays (16 bytes a failed row), not one list per fragment
+    shipped with every unit of that fragment.
+    """
     ds = _open(root, storage_options)
     if ds is None or not udfs:
         return {}
-    table = ds.to_table(columns=["key", "fragment_id"], filter=f"udf IN ({_quote(udfs)})")
-    grouped: dict[int, list[int]] = defaultdict(list)
-    for key, frag in zip(table["key"].to_pylist(), table["fragment_id"].to_pylist(), strict=False):
-        if key is not None:
-            grouped[frag].append(key)
-    return dict(grouped)
+    table = ds.to_table(
+        columns=["key", "fragment_id", "row_offset"], filter=f"udf IN ({_quote(udfs)})"
+    )
+    table = table.filter(pc.is_valid(table["key"])).sort_by(
+        [("fragment_id", "ascending"), ("row_offset", "ascending")]
+    )
+    if not table.num_rows:
+        return {}
+    fragments = table["fragment_id"].to_numpy()
+    offsets = table["row_offset"].to_numpy()
+    keys = table["key"].to_numpy()
+    bounds = np.flatnonzero(np.diff(fragments, prepend=np.int64(-1)))
+    known = {}
+    for begin, end in zip(bounds, [*bounds[1:], len(fragments)], strict=True):
+        known[int(fragments[begin])] = KnownBad(offsets[begin:end], keys[begin:end])
+    return known

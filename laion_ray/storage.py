@@ -7,9 +7,13 @@ dataset.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import lance
@@ -30,6 +34,15 @@ _ENV_OPTIONS = {
     "AWS_ALLOW_HTTP": "allow_http",
 }
 SECRET_KEYS = ("secret", "token", "password", "key_id", "credential")
+# Checkpoint I/O: attempts and first backoff for transient errors (doubling).
+IO_ATTEMPTS = 6
+IO_BACKOFF_S = 0.1
+# Set to a local file path to have every process (Ray workers included) append
+# its I/O counts there; benchmarks read it (see ``io_counts``).
+IO_LOG_ENV = "LAION_RAY_IO_LOG"
+DATASET_CACHE_SIZE = 4
+
+T = TypeVar("T")
 
 
 def parse_storage_options(pairs: Iterable[str] | None) -> dict[str, str]:
@@ -81,6 +94,110 @@ def open_dataset(
         )
     except (ValueError, OSError) as exc:
         raise LaionRayError(f"cannot open {uri} as a Lance dataset: {brief(exc)}") from exc
+    finally:
+        count_io("dataset_opens")
+
+
+_datasets: collections.OrderedDict[tuple, lance.LanceDataset] = collections.OrderedDict()
+_datasets_lock = threading.Lock()
+
+
+def cached_dataset(
+    uri: str, *, version: int, storage_options: Mapping[str, str] | None = None
+) -> lance.LanceDataset:
+    """The dataset at a pinned ``version``, opened once per process.
+
+    Every open reads the version's manifest (tens of MB for a table of tens of
+    thousands of fragments), so read and assemble tasks that run in the same
+    worker process share one open instead of paying it per work unit. Only a
+    pinned version is cached: it never changes.
+    """
+    key = (uri, int(version), tuple(sorted(resolve_storage_options(storage_options).items())))
+    with _datasets_lock:  # one open even when the local executor's threads race
+        ds = _datasets.get(key)
+        if ds is None:
+            ds = open_dataset(uri, version=int(version), storage_options=storage_options)
+            _datasets[key] = ds
+            while len(_datasets) > DATASET_CACHE_SIZE:
+                _datasets.popitem(last=False)
+        else:
+            _datasets.move_to_end(key)
+        return ds
+
+
+# --- I/O accounting and transient errors ------------------------------------------
+
+_io_counts: collections.Counter[str] = collections.Counter()
+_io_lock = threading.Lock()
+
+
+def count_io(event: str, n: int = 1) -> None:
+    """Count an I/O event in this process (and in ``$LAION_RAY_IO_LOG`` when set)."""
+    with _io_lock:
+        _io_counts[event] += n
+    if log_path := os.environ.get(IO_LOG_ENV):
+        with open(log_path, "a") as f:  # one short O_APPEND write per event
+            f.write(f"{event} {n}\n")
+
+
+def io_counts() -> dict[str, int]:
+    """This process's I/O counts so far: ``dataset_opens``, ``checkpoint_writes``, ..."""
+    with _io_lock:
+        return dict(_io_counts)
+
+
+def read_io_log(path: str) -> dict[str, int]:
+    """Sum the counts every process appended to an ``$LAION_RAY_IO_LOG`` file."""
+    totals: collections.Counter[str] = collections.Counter()
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            event, n = line.split()
+            totals[event] += int(n)
+    return dict(totals)
+
+
+_faults: collections.Counter[str] = collections.Counter()
+
+
+@contextlib.contextmanager
+def injected_io_errors(op: str, count: int = 1) -> Iterator[None]:
+    """Make the next ``count`` checkpoint ``op`` calls in this process fail transiently.
+
+    A test hook for :func:`with_retries` (``op`` is ``"read"``, ``"list"`` or
+    ``"write"``): the failure is an ``OSError`` that is not "not found", as a
+    dropped connection or a throttled request on an object store would be.
+    """
+    _faults[op] += count
+    try:
+        yield
+    finally:
+        _faults[op] = 0
+
+
+def with_retries(op: str, what: str, fn: Callable[[], T]) -> T:
+    """Run one checkpoint I/O call, retrying transient errors with backoff.
+
+    ``FileNotFoundError`` is a true "not found" and passes straight through;
+    any other ``OSError`` is retried and, after ``IO_ATTEMPTS``, raised as a
+    :class:`LaionRayError`: a flaky store must stop the job, never read as an
+    empty checkpoint.
+    """
+    for attempt in range(IO_ATTEMPTS):
+        try:
+            if _faults[op] > 0:
+                _faults[op] -= 1
+                raise OSError(f"injected transient {op} error")
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if attempt == IO_ATTEMPTS - 1:
+                raise LaionRayError(
+                    f"checkpoint {op} of {what} failed {IO_ATTEMPTS} times: {brief(exc)}"
+                ) from exc
+            count_io("io_retries")
+            time.sleep(IO_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def filesystem(uri: str, storage_options: Mapping[str, str] | None = None):

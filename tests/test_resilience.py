@@ -158,7 +158,7 @@ def _job(uri: str) -> ckpt.JobCheckpoint | None:
 
 def _finished_units(uri: str) -> dict[int, ckpt.FinishedUnit]:
     job = _job(uri)
-    return ckpt.finished_units(job.records()) if job else {}
+    return job.finished_units() if job else {}
 
 
 def _unit_keys(unit: ckpt.FinishedUnit) -> set[int]:

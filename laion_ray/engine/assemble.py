@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from lance.file import LanceFileWriter
 
 from laion_ray.error_log import ERROR_SCHEMA
-from laion_ray.storage import join_uri, open_dataset, resolve_storage_options
+from laion_ray.storage import cached_dataset, join_uri, open_dataset, resolve_storage_options
 
 from .checkpoint import read_part
 from .commit import check_unchanged
@@ -112,13 +112,21 @@ def assemble_fragment(
     schema: pa.Schema,
     added: Sequence[str],
     storage_options: Mapping[str, str] | None,
+    *,
+    version: int | None = None,
 ) -> AssembledFragment:
     """Write ``schema``'s columns for every physical row of ``fragment_id``.
 
     ``units`` must cover the fragment's rows in order, each with its part paths.
+    ``version`` (the newest version the driver saw) lets the tasks of one
+    commit share one dataset open per worker process; None opens the newest.
     """
     opts = resolve_storage_options(storage_options)
-    ds = open_dataset(uri, storage_options=opts)
+    ds = (
+        open_dataset(uri, storage_options=opts)
+        if version is None
+        else cached_dataset(uri, version=version, storage_options=opts)
+    )
     check_unchanged(ds, fragment_id, physical_rows)
     file_name = f"{uuid.uuid4().hex}.lance"
     writer = LanceFileWriter(join_uri(uri, "data", file_name), schema, storage_options=opts)

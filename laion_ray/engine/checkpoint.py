@@ -1,17 +1,26 @@
-"""The one checkpoint mechanism: unit part files plus a ledger, per job.
+"""The one checkpoint mechanism: part files whose existence is the record.
 
 Layout under ``<checkpoint root>/jobs/<fingerprint>/``:
 
-- ``job.json``: the plan (pinned read version, fragment states, unit size) and
-  the fragments already committed;
-- ``parts/<unit>-<uuid>.arrow``: computed outputs of a unit, keyed by row
-  address, written by workers as batches finish (Arrow IPC: parts are
-  transient, and IPC writes and reads several times faster than a Lance file);
-- ``ledger.lance``: one record per part, appended by the driver. A unit is done
-  when the parts of one run add up to the unit's row count.
+- ``job.json``: the plan (pinned read version, row filter, fragment states,
+  unit size), written once when the job is planned;
+- ``parts/<fragment>/<unit>_<run>_<first>_<rows>_<unit rows>_<errors>.arrow``:
+  computed outputs of some rows of a unit, keyed by row address, written by
+  workers as batches finish (Arrow IPC: parts are transient, and IPC writes and
+  reads several times faster than a Lance file). The name is the record: which
+  unit, which run, the part's first row, its rows, the rows the unit's read
+  produced, and its failed rows. A unit is finished when distinct parts of one
+  run add up to the unit's rows;
+- ``committed/<fragment>_<rows>_<errors>``: an empty file per fragment whose
+  columns are committed, the compacted summary that replaces its parts (which
+  are then deleted).
 
-A killed driver loses only parts not yet in the ledger; a rerun with the same
-job fingerprint picks the plan up and skips every finished unit.
+Every write is one new file (a part, a summary), so checkpoint writes grow with
+finished units, never with the job's history; nothing is rewritten or
+appended to. A part is written under a temporary name and renamed on local
+disk; on an object store a single PUT is atomic already. Resume lists
+``committed/`` and the part folders of uncommitted fragments: time grows with
+the finished units still uncommitted.
 """
 
 from __future__ import annotations
@@ -19,31 +28,39 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
-import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
-from laion_ray.storage import filesystem, join_uri, resolve_storage_options
+from laion_ray.storage import (
+    count_io,
+    filesystem,
+    is_local,
+    join_uri,
+    remove_tree,
+    resolve_storage_options,
+    with_retries,
+)
 
-from .plan import ERROR_PREFIX, KEEP, UNIT, UNIT_ROWS, FragmentState
+from .plan import ERROR_PREFIX, KEEP, ROWADDR, UNIT, UNIT_ROWS, FragmentState, UnitPlan
 
 # Part of every job fingerprint: checkpoints written in another format are not reused.
-PART_FORMAT = "arrow-ipc-1"
+PART_FORMAT = "arrow-ipc-2"
 RECORD_SCHEMA = pa.schema(
     [
         ("unit", pa.int32()),
         ("run", pa.string()),
-        ("path", pa.string()),
+        ("first", pa.int64()),
         ("rows", pa.int32()),
-        ("errors", pa.int32()),
         ("unit_rows", pa.int32()),
+        ("errors", pa.int32()),
     ]
 )
+PART_SUFFIX = ".arrow"
 
 
 @dataclasses.dataclass
@@ -54,6 +71,28 @@ class FinishedUnit:
     errors: int
 
 
+def part_name(rec: Mapping[str, object]) -> str:
+    return f"{rec['unit']}_{rec['run']}_{rec['first']}_{rec['rows']}_{rec['unit_rows']}_{rec['errors']}{PART_SUFFIX}"
+
+
+def parse_part_name(name: str) -> dict | None:
+    """The record a part's file name carries; None for anything else (a temp file)."""
+    if not name.endswith(PART_SUFFIX):
+        return None
+    fields = name[: -len(PART_SUFFIX)].split("_")
+    if len(fields) != 6:
+        return None
+    unit, run, first, rows, unit_rows, errors = fields
+    return {
+        "unit": int(unit),
+        "run": run,
+        "first": int(first),
+        "rows": int(rows),
+        "unit_rows": int(unit_rows),
+        "errors": int(errors),
+    }
+
+
 def write_parts(
     batch: pa.Table,
     *,
@@ -62,16 +101,19 @@ def write_parts(
     columns: Sequence[str],
     storage_options: Mapping[str, str] | None,
 ) -> pa.Table:
-    """Ray Data stage: persist a batch's rows per unit, return ledger records.
+    """Ray Data stage: persist a batch's rows per unit, return their records.
 
     Rows with ``_keep`` false count towards their unit but are not stored, so
     the fragment keeps its current value there.
     """
     if isinstance(batch, pa.RecordBatch):
         batch = pa.Table.from_batches([batch])
+    if not batch.num_rows:
+        return RECORD_SCHEMA.empty_table()
     opts = resolve_storage_options(storage_options)
     records = []
     units = batch[UNIT].to_numpy()
+    addresses = batch[ROWADDR].to_numpy()
     errors = _error_counts(batch)
     keep = (
         batch[KEEP].to_numpy(zero_copy_only=False).astype(bool)
@@ -81,42 +123,58 @@ def write_parts(
     # Rows of one unit arrive as one contiguous run; each run becomes one part.
     starts = np.flatnonzero(np.diff(units, prepend=np.int64(-1)))
     for begin, end in zip(starts, [*starts[1:], len(units)], strict=True):
-        unit, kept = int(units[begin]), keep[begin:end]
+        kept = keep[begin:end]
         part = (
             batch.slice(begin, end - begin)
             if kept.all()
             else batch.take(pa.array(np.flatnonzero(kept) + begin))
         ).select(list(columns))
-        path = join_uri(job_uri, "parts", f"{unit}-{uuid.uuid4().hex}.arrow")
-        _write_part(path, part, opts)
-        records.append(
-            {
-                "unit": unit,
-                "run": run_id,
-                "path": path,
-                "rows": int(end - begin),
-                "errors": int(errors[begin:end].sum()),
-                "unit_rows": int(batch[UNIT_ROWS][int(begin)].as_py()),
-            }
-        )
+        address = int(addresses[begin])
+        rec = {
+            "unit": int(units[begin]),
+            "run": run_id,
+            "first": address & 0xFFFFFFFF,
+            "rows": int(end - begin),
+            "unit_rows": int(batch[UNIT_ROWS][int(begin)].as_py()),
+            "errors": int(errors[begin:end].sum()),
+        }
+        _write_part(join_uri(job_uri, "parts", str(address >> 32), part_name(rec)), part, opts)
+        records.append(rec)
     return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
 
 
 def _write_part(path: str, part: pa.Table, opts: Mapping[str, str]) -> None:
     fs, fs_path = filesystem(path, opts)
-    try:
-        stream = fs.open_output_stream(fs_path)
-    except FileNotFoundError:  # the first part of a job on local disk
-        fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
-        stream = fs.open_output_stream(fs_path)
-    with stream, ipc.new_file(stream, part.schema) as writer:
-        writer.write_table(part)
+    # On local disk a crash mid-write must not leave a part under its final
+    # name (its name is its record): write a temp file and rename it.
+    target = f"{fs_path}.{uuid.uuid4().hex}.tmp" if is_local(path) else fs_path
+
+    def write() -> int:
+        try:
+            stream = fs.open_output_stream(target)
+        except FileNotFoundError:  # the first part of a fragment on local disk
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            stream = fs.open_output_stream(target)
+        with stream:
+            with ipc.new_file(stream, part.schema) as writer:
+                writer.write_table(part)
+            size = stream.tell()
+        if target != fs_path:
+            fs.move(target, fs_path)
+        return size
+
+    count_io("checkpoint_bytes", with_retries("write", path, write))
+    count_io("checkpoint_writes")
 
 
 def read_part(path: str, opts: Mapping[str, str]) -> pa.Table:
     fs, fs_path = filesystem(path, opts)
-    with fs.open_input_file(fs_path) as f:
-        return ipc.open_file(f).read_all()
+
+    def read() -> pa.Table:
+        with fs.open_input_file(fs_path) as f:
+            return ipc.open_file(f).read_all()
+
+    return with_retries("read", path, read)
 
 
 def _error_counts(batch: pa.Table) -> np.ndarray:
@@ -127,22 +185,88 @@ def _error_counts(batch: pa.Table) -> np.ndarray:
     return failed.astype(np.int64)
 
 
-def finished_units(records: pa.Table | Iterable[dict]) -> dict[int, FinishedUnit]:
-    """Units whose parts from one run cover every row the unit's read produced."""
-    if isinstance(records, pa.Table):
-        records = records.to_pylist()
-    by_run: dict[tuple[int, str], list[dict]] = defaultdict(list)
-    for rec in records:
-        by_run[(rec["unit"], rec["run"])].append(rec)
-    done: dict[int, FinishedUnit] = {}
-    for (unit, _run), recs in by_run.items():
-        # Dedupe by path: a retried ledger flush may append a record twice.
-        unique = {r["path"]: r for r in recs}.values()
-        rows = sum(r["rows"] for r in unique)
-        if unit not in done and rows == recs[0]["unit_rows"]:
-            done[unit] = FinishedUnit(
-                unit, sorted(r["path"] for r in unique), rows, sum(r["errors"] for r in unique)
-            )
+class UnitTally:
+    """Adds up part records per (unit, run) until they cover the unit's rows.
+
+    Only units with parts but not yet finished are held, so in a run this is
+    bounded by the units in flight. Parts are told apart by (first row, rows):
+    a retried task that rewrites the same part is counted once.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[int, str], dict[tuple[int, int], tuple[int, str | None]]] = {}
+
+    def add(self, rec: Mapping, path: str | None = None) -> FinishedUnit | None:
+        """Count one part; return the unit once its parts of this run cover it."""
+        key = (rec["unit"], rec["run"])
+        parts = self._open.setdefault(key, {})
+        parts[(rec["first"], rec["rows"])] = (rec["errors"], path)
+        rows = sum(r for _, r in parts)
+        if rows != rec["unit_rows"]:
+            return None
+        del self._open[key]
+        paths = sorted(p for _, p in parts.values() if p is not None)
+        return FinishedUnit(rec["unit"], paths, rows, sum(e for e, _ in parts.values()))
+
+    def forget(self, unit: int) -> None:
+        """Drop what is held for a unit finished by another run."""
+        for key in [k for k in self._open if k[0] == unit]:
+            del self._open[key]
+
+
+class UnitLedger:
+    """The driver's view of finished units: one byte per unit plus counts per fragment.
+
+    At LAION-5B's ~5.7M units that is ~6 MB, against ~8 KB per unit for a
+    record kept in memory.
+    """
+
+    def __init__(self, plan: UnitPlan):
+        self.plan = plan
+        self.done = np.zeros(plan.total, dtype=bool)
+        self.left = np.diff(plan.first_unit)  # units not finished, per fragment
+        self.rows = np.zeros(len(plan.states), dtype=np.int64)
+        self.errors = np.zeros(len(plan.states), dtype=np.int64)
+
+    def add(self, unit: int, rows: int, errors: int) -> bool:
+        """Mark ``unit`` finished; False if it already was."""
+        if self.done[unit]:
+            return False
+        i = self.plan.fragment_of(unit)
+        self.done[unit] = True
+        self.left[i] -= 1
+        self.rows[i] += rows
+        self.errors[i] += errors
+        return True
+
+    def add_fragment(self, fragment_id: int, rows: int, errors: int) -> None:
+        """Mark a whole (committed) fragment finished with its summary counts."""
+        i = self.plan.position[fragment_id]
+        self.done[self.plan.first_unit[i] : self.plan.first_unit[i + 1]] = True
+        self.left[i] = 0
+        self.rows[i], self.errors[i] = rows, errors
+
+    def finished(self, fragment_id: int) -> bool:
+        return self.left[self.plan.position[fragment_id]] == 0
+
+    def counts(self, fragment_id: int) -> tuple[int, int]:
+        i = self.plan.position[fragment_id]
+        return int(self.rows[i]), int(self.errors[i])
+
+    @property
+    def units_done(self) -> int:
+        return int(self.done.sum())
+
+
+def finished_units(listing: Iterable[tuple[str, dict]]) -> dict[int, FinishedUnit]:
+    """Finished units among ``(path, record)`` parts; the first run to cover a unit wins."""
+    tally, done = UnitTally(), {}
+    for path, rec in sorted(listing, key=lambda item: item[0]):
+        if rec["unit"] in done:
+            continue
+        if (unit := tally.add(rec, path)) is not None:
+            done[unit.unit] = unit
+            tally.forget(unit.unit)
     return done
 
 
@@ -153,50 +277,102 @@ class JobCheckpoint:
         self.uri = join_uri(root, "jobs", fingerprint)
         self.fingerprint = fingerprint
         self.storage_options = dict(storage_options or {})
-        self._ledger_uri = join_uri(self.uri, "ledger.lance")
         self._manifest_uri = join_uri(self.uri, "job.json")
+        self._parts_uri = join_uri(self.uri, "parts")
+        self._committed_uri = join_uri(self.uri, "committed")
 
-    # --- manifest ---------------------------------------------------------
+    # --- plan -------------------------------------------------------------
     def load_manifest(self) -> dict | None:
+        """The plan, or None when there is none: only a true "not found" is absence."""
         fs, path = filesystem(self._manifest_uri, self.storage_options)
-        try:
-            with fs.open_input_stream(path) as f:
-                return json.loads(f.read().decode())
-        except (FileNotFoundError, OSError):
+        info = with_retries("read", self._manifest_uri, lambda: fs.get_file_info(path))
+        if info.type == pafs.FileType.NotFound:
             return None
 
+        def read() -> bytes:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+
+        return json.loads(with_retries("read", self._manifest_uri, read).decode())
+
     def save_manifest(self, manifest: dict) -> None:
+        """Write the plan; once per job."""
         fs, path = filesystem(self._manifest_uri, self.storage_options)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(manifest, indent=1).encode())
-        fs.move(tmp, path)  # atomic on local disk; a single PUT on object stores
+        data = json.dumps(manifest).encode()
 
-    # --- ledger -----------------------------------------------------------
-    def records(self) -> pa.Table:
-        try:
-            ds = lance.dataset(
-                self._ledger_uri, storage_options=resolve_storage_options(self.storage_options)
-            )
-        except (ValueError, OSError):
-            return RECORD_SCHEMA.empty_table()
-        return ds.to_table()
+        def write() -> None:
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            fs.move(tmp, path)  # atomic on local disk; a single PUT on object stores
 
-    def append(self, records: pa.Table) -> None:
-        if not records.num_rows:
-            return
-        opts = resolve_storage_options(self.storage_options)
-        try:
-            lance.dataset(self._ledger_uri, storage_options=opts)
-            mode = "append"
-        except (ValueError, OSError):
-            mode = "create"
-        lance.write_dataset(records, self._ledger_uri, mode=mode, storage_options=opts)
+        with_retries("write", self._manifest_uri, write)
+        count_io("checkpoint_bytes", len(data))
+        count_io("checkpoint_writes")
+
+    # --- listing ----------------------------------------------------------
+    def _list(self, uri: str) -> list[pafs.FileInfo]:
+        fs, path = filesystem(uri, self.storage_options)
+        selector = pafs.FileSelector(path, allow_not_found=True)
+        infos = with_retries("list", uri, lambda: fs.get_file_info(selector))
+        count_io("checkpoint_lists")
+        return infos
+
+    def fragments_with_parts(self) -> list[int]:
+        return sorted(
+            int(i.base_name)
+            for i in self._list(self._parts_uri)
+            if i.type == pafs.FileType.Directory and i.base_name.isdigit()
+        )
+
+    def fragment_parts(self, fragment_id: int) -> list[tuple[str, dict]]:
+        """``(path, record)`` of every part of one fragment."""
+        parts_uri = join_uri(self._parts_uri, str(fragment_id))
+        found = []
+        for info in self._list(parts_uri):
+            if (rec := parse_part_name(info.base_name)) is not None:
+                found.append((join_uri(parts_uri, info.base_name), rec))
+        return found
+
+    def finished_units(self) -> dict[int, FinishedUnit]:
+        """Finished units of the fragments not yet committed."""
+        committed = self.committed()
+        done: dict[int, FinishedUnit] = {}
+        for fragment_id in self.fragments_with_parts():
+            if fragment_id not in committed:
+                done.update(finished_units(self.fragment_parts(fragment_id)))
+        return done
+
+    # --- committed fragments ------------------------------------------------
+    def committed(self) -> dict[int, tuple[int, int]]:
+        """Committed fragments with their (rows, errors) summaries."""
+        summaries = {}
+        for info in self._list(self._committed_uri):
+            fields = info.base_name.split("_")
+            if len(fields) == 3 and all(f.isdigit() for f in fields):
+                summaries[int(fields[0])] = (int(fields[1]), int(fields[2]))
+        return summaries
+
+    def mark_committed(self, fragments: Mapping[int, tuple[int, int]]) -> None:
+        """Record committed fragments (``id -> (rows, errors)``), then drop their parts."""
+        for fragment_id, (rows, errors) in fragments.items():
+            uri = join_uri(self._committed_uri, f"{fragment_id}_{rows}_{errors}")
+            fs, path = filesystem(uri, self.storage_options)
+
+            def write(fs=fs, path=path) -> None:
+                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                with fs.open_output_stream(path):
+                    pass
+
+            with_retries("write", uri, write)
+            count_io("checkpoint_writes")
+        for fragment_id in fragments:
+            # Best effort: leftover parts of a committed fragment are ignored and
+            # go with the job's folder at the end.
+            remove_tree(join_uri(self._parts_uri, str(fragment_id)), self.storage_options)
 
     def remove(self) -> None:
-        from laion_ray.storage import remove_tree
-
         remove_tree(self.uri, self.storage_options)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import lance
+import numpy as np
 import pyarrow as pa
 
 from laion_ray.udf import UDF
@@ -75,13 +76,48 @@ def fragment_states(ds: lance.LanceDataset, input_columns: Sequence[str]) -> lis
     return states
 
 
+class UnitPlan:
+    """The work units of a plan, generated on demand from the fragment states.
+
+    Memory is O(fragments) whatever the number of units: a unit is
+    ``(fragment, row range)`` and its index is the fragment's first unit index
+    plus its position, so nothing per unit is ever listed up front.
+    """
+
+    def __init__(self, states: Sequence[FragmentState], unit_rows: int):
+        self.states = list(states)
+        self.unit_rows = unit_rows
+        counts = [-(-s.physical_rows // unit_rows) for s in self.states]
+        # first_unit[i] is the index of fragment i's first unit; the last entry the total.
+        self.first_unit = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self.position = {s.fragment_id: i for i, s in enumerate(self.states)}
+
+    @property
+    def total(self) -> int:
+        return int(self.first_unit[-1])
+
+    def unit_count(self, fragment_id: int) -> int:
+        i = self.position[fragment_id]
+        return int(self.first_unit[i + 1] - self.first_unit[i])
+
+    def fragment_of(self, unit_index: int) -> int:
+        """Position (in ``states``) of the fragment that holds unit ``unit_index``."""
+        return int(np.searchsorted(self.first_unit, unit_index, side="right")) - 1
+
+    def units(self, fragment_id: int) -> Iterator[WorkUnit]:
+        i = self.position[fragment_id]
+        rows, first = self.states[i].physical_rows, int(self.first_unit[i])
+        for k, start in enumerate(range(0, rows, self.unit_rows)):
+            yield WorkUnit(first + k, fragment_id, start, min(start + self.unit_rows, rows))
+
+    def all_units(self) -> Iterator[WorkUnit]:
+        for state in self.states:
+            yield from self.units(state.fragment_id)
+
+
 def split_units(states: Sequence[FragmentState], unit_rows: int) -> list[WorkUnit]:
-    units: list[WorkUnit] = []
-    for state in states:
-        for start in range(0, state.physical_rows, unit_rows):
-            end = min(start + unit_rows, state.physical_rows)
-            units.append(WorkUnit(len(units), state.fragment_id, start, end))
-    return units
+    """Every unit as a list: for tests and small tables; the engine uses :class:`UnitPlan`."""
+    return list(UnitPlan(states, unit_rows).all_units())
 
 
 def _is_binary(t: pa.DataType) -> bool:

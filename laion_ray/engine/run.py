@@ -8,15 +8,16 @@ resume, the error gate, periodic commits, tags and the report.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import time
 import uuid
 import warnings
-from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -35,13 +36,13 @@ from .assemble import assemble_fragment
 from .commit import UDF_METADATA, add_columns, check_unchanged, replace_column_files
 from .plan import (
     ROWADDR,
+    UnitPlan,
     WorkUnit,
     default_unit_rows,
     error_column_name,
     fragment_states,
     job_fingerprint_of,
     reads_binary,
-    split_units,
 )
 from .progress import Progress
 from .stages import MAX_RETRIES
@@ -50,8 +51,13 @@ log = logging.getLogger(__name__)
 
 MIN_ROWS_FOR_ERROR_GATE = 1000
 COMMIT_EVERY_S = 300.0
-LEDGER_FLUSH_S = 2.0
 KEY = "key"
+# Ray Data builds (and ray.puts) a read task per unit before it runs any, so
+# units go to it in waves: WAVE_ROUNDS units per read slot of the cluster,
+# within [WAVE_MIN_UNITS, WAVE_MAX_UNITS]. Driver memory is bounded by one wave.
+WAVE_ROUNDS = 16
+WAVE_MIN_UNITS = 2048
+WAVE_MAX_UNITS = 32768
 
 
 @dataclasses.dataclass
@@ -70,6 +76,9 @@ class Job:
             None for a job built to run only in this process.
         local_transform: The same as a plain function of one unit's table,
             when the job can run without Ray; see :func:`choose_executor`.
+        per_unit: Whether ``transform`` maps each unit's rows on their own, so
+            units can reach it in waves; False for a transform that joins the
+            whole stream at once (a shuffle), which then gets every unit.
         where: Optional SQL filter on the rows to compute.
         overwrite: Whether existing output columns may be replaced.
         details: Extra facts for the commit history (UDF keys, parameters).
@@ -83,6 +92,7 @@ class Job:
     producers: list[str]
     transform: Callable[[Any], Any] | None
     local_transform: Callable[[pa.Table], pa.Table] | None = None
+    per_unit: bool = True
     where: str | None = None
     overwrite: bool = False
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -251,7 +261,6 @@ def run_job(
             "fragments": ckpt.states_to_json(fragment_states(ds, job.read_columns)),
             "new_fields": new,
             "overwrite": overwritten,
-            "committed": [],
         }
         checkpoint.save_manifest(manifest)
     else:
@@ -284,7 +293,13 @@ def run_job(
 
 
 class _Run:
-    """One execution of a planned job: stream units, checkpoint, commit."""
+    """One execution of a planned job: stream units, checkpoint, commit.
+
+    Driver state is O(fragments): units come lazily from a :class:`UnitPlan`,
+    finished ones are one byte each in a :class:`~.checkpoint.UnitLedger`, and
+    a part's record is dropped once its unit is finished (the part file itself
+    is the durable record).
+    """
 
     def __init__(
         self, job: Job, manifest, checkpoint, root, storage_options, max_errors, local, resumed
@@ -293,46 +308,57 @@ class _Run:
         self.local, self.resumed = local, resumed
         self.storage_options = dict(storage_options or {})
         self.max_errors = max_errors
-        self.states = {s.fragment_id: s for s in ckpt.states_from_json(manifest["fragments"])}
-        self.units = split_units(list(self.states.values()), manifest["unit_rows"])
-        self.units_by_fragment: dict[int, list[WorkUnit]] = defaultdict(list)
-        for unit in self.units:
-            self.units_by_fragment[unit.fragment_id].append(unit)
-        self.committed: set[int] = set(manifest["committed"])
-        self.done = ckpt.finished_units(checkpoint.records())
+        self.plan = UnitPlan(ckpt.states_from_json(manifest["fragments"]), manifest["unit_rows"])
+        self.states = {s.fragment_id: s for s in self.plan.states}
+        self.ledger = ckpt.UnitLedger(self.plan)
+        self.committed: set[int] = set()
+        if resumed:
+            self._load_checkpoint()
         self.report = JobReport(
             uri=job.uri,
             job=job.name,
             columns=job.outputs.names,
-            units_total=len(self.units),
-            units_resumed=len(self.done),
-            rows_resumed=sum(u.rows for u in self.done.values()),
+            units_total=self.plan.total,
+            units_resumed=self.ledger.units_done,
+            rows_resumed=int(self.ledger.rows.sum()),
             executor="local" if local else "ray",
         )
-        self.errors_before = sum(u.errors for u in self.done.values())
+        self.errors_before = int(self.ledger.errors.sum())
+        self.known_bad: dict = {}
         self.columns_ready = False
         self.started = time.monotonic()
 
+    def _load_checkpoint(self) -> None:
+        """Committed summaries, then the parts of uncommitted fragments."""
+        for fragment_id, (rows, errors) in self.checkpoint.committed().items():
+            if fragment_id in self.states:
+                self.ledger.add_fragment(fragment_id, rows, errors)
+                self.committed.add(fragment_id)
+        pending = [
+            f
+            for f in self.checkpoint.fragments_with_parts()
+            if f in self.states and f not in self.committed
+        ]
+        # One listing per fragment with parts; several at once on an object store.
+        with ThreadPoolExecutor(LOCAL_THREADS * 2) as pool:
+            for parts in pool.map(self.checkpoint.fragment_parts, pending):
+                for unit in ckpt.finished_units(parts).values():
+                    self.ledger.add(unit.unit, unit.rows, unit.errors)
+
     def execute(self, retry_errors: bool, commit_every_s: float, address) -> JobReport:
         self.retry_errors = retry_errors
-        todo = [
-            u
-            for u in self.units
-            if u.index not in self.done and u.fragment_id not in self.committed
-        ]
-        skip_keys = (
-            {}
-            if retry_errors
-            else failed_keys_by_fragment(self.root, self.job.producers, self.storage_options)
-        )
+        if not retry_errors:
+            self.known_bad = failed_keys_by_fragment(
+                self.root, self.job.producers, self.storage_options
+            )
         self.report.rows_skipped_failed = sum(
-            len(v) for f, v in skip_keys.items() if f in self.states
+            len(v.keys) for f, v in self.known_bad.items() if f in self.states
         )
-        if todo:
-            self._stream(todo, skip_keys, commit_every_s, address)
+        if self.ledger.units_done < self.plan.total:
+            self._stream(commit_every_s, address)
         # The stream ended cleanly, so every unit without records read no rows.
-        for unit in todo:
-            self.done.setdefault(unit.index, ckpt.FinishedUnit(unit.index, [], 0, 0))
+        for unit in self._todo():
+            self.ledger.add(unit.index, 0, 0)
         self._check_errors(final=True)
         self._commit_ready(address)
         self.report.elapsed_s = time.monotonic() - self.started
@@ -340,6 +366,24 @@ class _Run:
             self.job.uri, storage_options=self.storage_options
         ).version
         return self.report
+
+    def _todo(self) -> Iterator[WorkUnit]:
+        """Units not finished yet, generated as they are needed."""
+        for state in self.plan.states:
+            if state.fragment_id in self.committed or self.ledger.finished(state.fragment_id):
+                continue
+            for unit in self.plan.units(state.fragment_id):
+                if not self.ledger.done[unit.index]:
+                    yield unit
+
+    def _rows_todo(self) -> int:
+        return sum(
+            u.end - u.start
+            for s in self.plan.states
+            if not self.ledger.finished(s.fragment_id)
+            for u in self.plan.units(s.fragment_id)
+            if not self.ledger.done[u.index]
+        )
 
     def _part_args(self) -> dict:
         columns = [
@@ -350,24 +394,34 @@ class _Run:
         ]
         return dict(
             job_uri=self.checkpoint.uri,
-            run_id=uuid.uuid4().hex,
+            run_id=uuid.uuid4().hex[:16],
             columns=columns,
             storage_options=self.storage_options,
         )
 
-    def _read_args(self, unit: WorkUnit, skip_keys) -> tuple:
+    def _read_args(self, unit: WorkUnit) -> tuple:
+        known_bad = self.known_bad.get(unit.fragment_id)
         return (
             self.job.uri,
             self.manifest["read_version"],
             unit,
             self.job.read_columns,
             self.manifest["filter"],
-            skip_keys.get(unit.fragment_id, ()),
+            known_bad.keys_in(unit.start, unit.end) if known_bad else (),
             self.storage_options,
         )
 
-    def _ray_records(self, todo, skip_keys, address):
-        """Ledger records from the Ray Data pipeline: read -> transform -> parts."""
+    def _wave_units(self) -> int | None:
+        """Units per Ray Data execution (None: all at once), sized by the cluster."""
+        if not self.job.per_unit:
+            return None
+        import ray
+
+        slots = ray.cluster_resources().get("CPU", 1.0) / TASK_CPUS
+        return int(min(WAVE_MAX_UNITS, max(WAVE_MIN_UNITS, WAVE_ROUNDS * slots)))
+
+    def _ray_records(self, address) -> Iterator[pa.Table]:
+        """Part records from Ray Data pipelines (read -> transform -> parts), one per wave."""
         import ray
 
         from laion_ray.ray_env import ensure_ray, reclaim_expired_reservations
@@ -377,89 +431,88 @@ class _Run:
         ensure_ray(address)
         if self.resumed:  # an earlier driver of this job may have died holding the cluster
             reclaim_expired_reservations()
-        source = UnitDatasource([self._read_args(u, skip_keys) for u in todo])
         # Ray 2.60 has no named max_retries for reads yet; ray_remote_args warns.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
-        read = ray.data.read_datasource(
-            source,
-            num_cpus=TASK_CPUS,
-            override_num_blocks=len(todo),  # one block per unit: no re-splitting
-            ray_remote_args={"max_retries": MAX_RETRIES},
-        )
-        data = self.job.transform(read).map_batches(
-            ckpt.write_parts,
-            fn_kwargs=self._part_args(),
-            batch_size=None,
-            batch_format="pyarrow",
-            num_cpus=TASK_CPUS,  # same resources as the read: they fuse into one task
-            max_retries=MAX_RETRIES,
-        )
-        return data.iter_batches(batch_size=None, batch_format="pyarrow")
+        part_args = self._part_args()
+        units, size = self._todo(), self._wave_units()
+        while wave := list(itertools.islice(units, size)):
+            source = UnitDatasource([self._read_args(u) for u in wave])
+            read = ray.data.read_datasource(
+                source,
+                num_cpus=TASK_CPUS,
+                override_num_blocks=len(wave),  # one block per unit: no re-splitting
+                ray_remote_args={"max_retries": MAX_RETRIES},
+            )
+            data = self.job.transform(read).map_batches(
+                ckpt.write_parts,
+                fn_kwargs=part_args,
+                batch_size=None,
+                batch_format="pyarrow",
+                num_cpus=TASK_CPUS,  # same resources as the read: they fuse into one task
+                max_retries=MAX_RETRIES,
+            )
+            yield from data.iter_batches(batch_size=None, batch_format="pyarrow")
 
-    def _local_records(self, todo, skip_keys):
+    def _local_records(self) -> Iterator[pa.Table]:
         """The same steps in this process: no Ray start, no scheduling.
 
         Units run on a few threads: Lance reads, Arrow and numpy release the GIL.
+        At most two units per thread are queued, so memory does not grow with
+        the job.
         """
         from .source import read_unit
 
         part_args = self._part_args()
 
         def run_unit(unit: WorkUnit) -> pa.Table | None:
-            table = read_unit(*self._read_args(unit, skip_keys))
+            table = read_unit(*self._read_args(unit))
             if not table.num_rows:
                 return None
             return ckpt.write_parts(self.job.local_transform(table), **part_args)
 
         pool = ThreadPoolExecutor(LOCAL_THREADS, thread_name_prefix="laion-ray-unit")
+        queued: collections.deque = collections.deque()
         try:
-            for records in pool.map(run_unit, todo):
-                if records is not None:
+            for unit in self._todo():
+                queued.append(pool.submit(run_unit, unit))
+                while len(queued) >= 2 * LOCAL_THREADS or (queued and queued[0].done()):
+                    if (records := queued.popleft().result()) is not None:
+                        yield records
+            while queued:
+                if (records := queued.popleft().result()) is not None:
                     yield records
         finally:
             pool.shutdown(cancel_futures=True)
 
-    def _stream(self, todo, skip_keys, commit_every_s, address) -> None:
-        records_stream = (
-            self._local_records(todo, skip_keys)
-            if self.local
-            else self._ray_records(todo, skip_keys, address)
-        )
+    def _stream(self, commit_every_s, address) -> None:
+        records_stream = self._local_records() if self.local else self._ray_records(address)
         progress = Progress(
-            self.job.name, sum(u.end - u.start for u in todo), len(self.units), len(self.done)
+            self.job.name, self._rows_todo(), self.plan.total, self.ledger.units_done
         )
-        in_run: dict[tuple[int, str], list[dict]] = defaultdict(list)
-        pending: list[pa.Table] = []
-        last_flush = last_commit = time.monotonic()
+        tally = ckpt.UnitTally()
+        last_commit = time.monotonic()
         try:
             for records in records_stream:
-                pending.append(records)
                 finished_now = 0
                 for rec in records.to_pylist():
                     self.report.rows_processed += rec["rows"]
                     self.report.rows_failed += rec["errors"]
-                    runs = in_run[(rec["unit"], rec["run"])]
-                    runs.append(rec)
-                    unit = ckpt.finished_units(runs)
-                    if rec["unit"] in unit and rec["unit"] not in self.done:
-                        self.done[rec["unit"]] = unit[rec["unit"]]
+                    if self.ledger.done[rec["unit"]]:
+                        continue  # a retried task's duplicate
+                    unit = tally.add(rec)
+                    if unit is not None and self.ledger.add(unit.unit, unit.rows, unit.errors):
+                        tally.forget(unit.unit)
                         finished_now += 1
                 progress.update(
                     pc.sum(records["rows"]).as_py() or 0,
                     pc.sum(records["errors"]).as_py() or 0,
                     finished_now,
                 )
-                now = time.monotonic()
-                if now - last_flush >= LEDGER_FLUSH_S or now - last_commit >= commit_every_s:
-                    self.checkpoint.append(pa.concat_tables(pending))
-                    pending, last_flush = [], now
                 self._check_errors(final=False)
-                if now - last_commit >= commit_every_s:
+                if time.monotonic() - last_commit >= commit_every_s:
                     self._commit_ready(address)
                     last_commit = time.monotonic()
         finally:
-            if pending:
-                self.checkpoint.append(pa.concat_tables(pending))
             progress.close()
         log.info("%s", progress.line())
 
@@ -474,16 +527,10 @@ class _Run:
             )
 
     def _commit_ready(self, address) -> None:
-        ready = [
-            f
-            for f, units in self.units_by_fragment.items()
-            if f not in self.committed and all(u.index in self.done for u in units)
-        ]
+        ready = [f for f in self.states if f not in self.committed and self.ledger.finished(f)]
         if not ready:
             return
-        with_rows = [
-            f for f in ready if any(self.done[u.index].rows for u in self.units_by_fragment[f])
-        ]
+        with_rows = [f for f in ready if self.ledger.counts(f)[0]]
         if with_rows:
             details = {
                 **self.job.details,
@@ -524,35 +571,38 @@ class _Run:
             )
             self.report.commits += 1
             self.report.fragments_committed += len(with_rows)
+        self.checkpoint.mark_committed({f: self.ledger.counts(f) for f in ready})
         self.committed.update(ready)
-        self.manifest["committed"] = sorted(self.committed)
-        self.checkpoint.save_manifest(self.manifest)
 
     def _assemble(self, fragments: Sequence[int], address):
         latest = open_dataset(self.job.uri, storage_options=self.storage_options)
         for f in fragments:  # fail fast, before any work, if a fragment was rewritten
             check_unchanged(latest, f, self.states[f].physical_rows)
+        # Tasks get O(1) arguments per fragment and list the fragment's parts themselves.
         args = [
             (
+                self.checkpoint,
+                self.plan.unit_rows,
+                int(self.plan.first_unit[self.plan.position[f]]),
                 self.job.uri,
                 f,
-                [(u, self.done[u.index].paths) for u in self.units_by_fragment[f]],
                 self.states[f].physical_rows,
                 self.job.outputs,
                 self.manifest["new_fields"],
                 self.storage_options,
+                latest.version,
             )
             for f in fragments
         ]
         if self.local:
             with ThreadPoolExecutor(LOCAL_THREADS) as pool:
-                return list(pool.map(lambda a: assemble_fragment(*a), args))
+                return list(pool.map(lambda a: _assemble_from_parts(*a), args))
         import ray
 
         from laion_ray.ray_env import ensure_ray
 
         ensure_ray(address)
-        task = ray.remote(num_cpus=0.5)(assemble_fragment)
+        task = ray.remote(num_cpus=0.5)(_assemble_from_parts)
         refs = [task.remote(*a) for a in args]
         # Collect every result so no failure is left unhandled in Ray's log.
         results, failure = [], None
@@ -564,3 +614,26 @@ class _Run:
         if failure is not None:
             raise failure
         return results
+
+
+def _assemble_from_parts(
+    checkpoint: ckpt.JobCheckpoint,
+    unit_rows: int,
+    first_unit: int,
+    uri: str,
+    fragment_id: int,
+    physical_rows: int,
+    schema: pa.Schema,
+    added: Sequence[str],
+    storage_options: Mapping[str, str] | None,
+    version: int,
+):
+    """Assemble task: list the fragment's finished parts, then build its column file."""
+    finished = ckpt.finished_units(checkpoint.fragment_parts(fragment_id))
+    units = []
+    for k, start in enumerate(range(0, physical_rows, unit_rows)):
+        unit = WorkUnit(first_unit + k, fragment_id, start, min(start + unit_rows, physical_rows))
+        units.append((unit, finished[unit.index].paths if unit.index in finished else []))
+    return assemble_fragment(
+        uri, fragment_id, units, physical_rows, schema, added, storage_options, version=version
+    )

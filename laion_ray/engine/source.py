@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laion_ray.storage import open_dataset
+from laion_ray.storage import cached_dataset
 
 from .plan import ROWADDR, UNIT, UNIT_ROWS, WorkUnit
 
@@ -24,10 +24,11 @@ def read_unit(
 ) -> pa.Table:
     """Rows of ``unit`` that pass ``where``, with their row addresses.
 
-    ``skip_keys`` are rows that failed before: an incremental run leaves them
-    alone unless the user asks to retry errors.
+    ``skip_keys`` are rows of this unit that failed before: an incremental run
+    leaves them alone unless the user asks to retry errors. The dataset is
+    opened once per process (:func:`cached_dataset`), not once per unit.
     """
-    ds = open_dataset(uri, version=version, storage_options=storage_options)
+    ds = cached_dataset(uri, version=version, storage_options=storage_options)
     base = unit.fragment_id << 32
     bounds = f"{ROWADDR} >= {base + unit.start} AND {ROWADDR} < {base + unit.end}"
     query = f"({where}) AND {bounds}" if where else bounds
