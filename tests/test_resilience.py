@@ -28,7 +28,16 @@ from lance.fragment import DataFile
 
 from laion_ray.backfill import backfill
 from laion_ray.engine import checkpoint as ckpt
-from laion_ray.engine.commit import UDF_METADATA, add_columns, commit, replace_column_files
+from laion_ray.engine import run as engine_run
+from laion_ray.engine.commit import (
+    UDF_METADATA,
+    ColumnFile,
+    add_columns,
+    column_files,
+    commit,
+    field_ids,
+    replace_column_files,
+)
 from laion_ray.engine.plan import fragment_states, split_units
 from laion_ray.error_log import checkpoint_root
 from laion_ray.history import job_history
@@ -364,7 +373,7 @@ def _prepare_column_files(uri: str) -> tuple[lance.LanceDataset, dict[int, str],
         writer = LanceFileWriter(f"{uri}/data/{name}", pa.schema([field]))
         writer.write_batch(pa.table({"twice": pc.multiply(keys, 2)}, schema=pa.schema([field])))
         writer.close()
-        files[frag.fragment_id] = name
+        files[frag.fragment_id] = ColumnFile(name, column_files(frag, field_ids(at, ["twice"])))
     planned = {s.fragment_id: s for s in fragment_states(at, ["key"])}
     return at, files, planned
 
@@ -404,14 +413,68 @@ def test_commit_retry_rebuilds_instead_of_resending_a_stale_schema(tmp_path):
             lance.dataset(uri).add_columns({"other_col": "key * 3"})
         return lance.LanceOperation.DataReplacement(
             [
-                lance.LanceOperation.DataReplacementGroup(fid, DataFile.create(latest, name))
-                for fid, name in files.items()
+                lance.LanceOperation.DataReplacementGroup(fid, DataFile.create(latest, f.file_name))
+                for fid, f in files.items()
             ]
         )
 
     commit(uri, build, job="test", details={})
     assert seen == [seen[0], seen[0] + 1], "the first attempt should conflict and be rebuilt"
     _assert_all_survive(uri, appended=0)
+
+
+def _stamp(uri: str, job: int, **options) -> object:
+    return backfill(
+        uri,
+        udfs=["helpers:stamp"],
+        udf_params={"helpers:stamp": {"job": job}},
+        unit_rows=UNIT_ROWS,
+        executor="local",
+        **options,
+    )
+
+
+def test_no_lost_update_when_another_job_commits_the_column_between_assembly_and_commit(
+    tmp_path, monkeypatch
+):
+    """Job A assembles, job B commits the same column on other rows, then A commits."""
+    uri = str(tmp_path / "d.lance")
+    write_sample(uri, rows=300, fragments=3, seed=10)
+    _stamp(uri, 0)  # every row: key * 10
+    real_replace = engine_run.replace_column_files
+    a_files: list[dict[int, ColumnFile]] = []
+
+    def b_commits_first(dataset_uri, files, *args, **kwargs):
+        if not a_files:  # A's first commit: its files are assembled, B commits now
+            a_files.append(dict(files))
+            b = _stamp(uri, 2, where="key % 2 = 1 AND key < 100", overwrite=True)
+            assert b.rows_processed == 50 and b.commits == 1
+        return real_replace(dataset_uri, files, *args, **kwargs)
+
+    monkeypatch.setattr(engine_run, "replace_column_files", b_commits_first)
+    a = _stamp(uri, 1, where="key % 2 = 0", overwrite=True)
+    assert a.rows_processed == 150
+
+    table = _sorted_table(uri)
+    expected = [
+        10 * k + (1 if k % 2 == 0 else 2 if k < 100 else 0) for k in table["key"].to_pylist()
+    ]
+    assert table["stamp"].to_pylist() == expected  # both jobs' rows survive
+    history = [(e["operation"], e["details"].get("filter")) for e in job_history(uri)]
+    assert [f for op, f in history if op == "DataReplacement"][-2:] == [
+        "(key % 2 = 1 AND key < 100)",
+        "(key % 2 = 0)",
+    ], "B must commit between A's assembly and A's commit"
+    # Only the fragment B changed was re-assembled; the others kept A's first files.
+    final = {f.fragment_id: f for f in lance.dataset(uri).get_fragments()}
+    ids = field_ids(lance.dataset(uri), ["stamp"])
+    for fid, first in a_files[0].items():
+        (path,) = column_files(final[fid], ids)
+        if fid == 0:
+            assert path != first.file_name
+            assert not (Path(uri) / "data" / first.file_name).exists(), "superseded file kept"
+        else:
+            assert path == first.file_name
 
 
 # --- 4. periodic commits ---------------------------------------------------------------

@@ -505,18 +505,27 @@ class _Run:
                         storage_options=self.storage_options,
                     )
                 self.columns_ready = True
-            assembled = self._assemble(with_rows, address)
+            assembled = {a.fragment_id: a for a in self._assemble(with_rows, address)}
+
+            def reassemble(fragments: Sequence[int]) -> dict:
+                # Another writer committed these columns meanwhile: rebuild the files
+                # from our parts on top of its values.
+                fresh = {a.fragment_id: a for a in self._assemble(fragments, address)}
+                assembled.update(fresh)
+                return {f: a.column_file for f, a in fresh.items()}
+
             replace_column_files(
                 self.job.uri,
-                {a.fragment_id: a.file_name for a in assembled},
+                {f: a.column_file for f, a in assembled.items()},
                 self.states,
                 job=self.job.name,
                 details=details,
                 storage_options=self.storage_options,
+                reassemble=reassemble,
             )
             record_errors(
                 self.root,
-                pa.concat_tables([a.errors for a in assembled]),
+                pa.concat_tables([a.errors for a in assembled.values()]),
                 job=self.checkpoint.fingerprint,
                 replace_fragments=with_rows if self.retry_errors else (),
                 udfs=self.job.producers,
@@ -539,7 +548,6 @@ class _Run:
                 [(u, self.done[u.index].paths) for u in self.units_by_fragment[f]],
                 self.states[f].physical_rows,
                 self.job.outputs,
-                self.manifest["new_fields"],
                 self.storage_options,
             )
             for f in fragments
