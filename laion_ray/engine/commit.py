@@ -147,6 +147,17 @@ def add_columns(
     return commit(uri, build, job=job, details=details, storage_options=storage_options)
 
 
+def tag_version(
+    uri: str, tag: str, version: int, *, storage_options: Mapping[str, str] | None = None
+) -> None:
+    """Point ``tag`` at ``version``: created, or moved there if it exists (a rerun)."""
+    ds = open_dataset(uri, storage_options=storage_options)
+    if tag in ds.tags.list():
+        ds.tags.update(tag, version)
+    else:
+        ds.tags.create(tag, version)
+
+
 def check_unchanged(latest: lance.LanceDataset, fragment_id: int, physical_rows: int) -> None:
     """Raise :class:`NotRebaseable` if the fragment was removed or rewritten."""
     frag = latest.get_fragment(fragment_id)

@@ -32,7 +32,13 @@ from laion_ray.udf import TASK_CPUS
 
 from . import checkpoint as ckpt
 from .assemble import assemble_fragment
-from .commit import UDF_METADATA, add_columns, check_unchanged, replace_column_files
+from .commit import (
+    UDF_METADATA,
+    add_columns,
+    check_unchanged,
+    replace_column_files,
+    tag_version,
+)
 from .plan import (
     ROWADDR,
     WorkUnit,
@@ -269,10 +275,7 @@ def run_job(
     report = run.execute(retry_errors, commit_every_s, address)
     if tag:
         latest = open_dataset(job.uri, storage_options=storage_options)
-        if tag in latest.tags.list():
-            latest.tags.update(tag, latest.version)
-        else:
-            latest.tags.create(tag, latest.version)
+        tag_version(job.uri, tag, latest.version, storage_options=storage_options)
         report.tag = tag
     checkpoint.remove()
     if report_path:
