@@ -40,6 +40,7 @@ from laion_ray.engine.commit import (
 )
 from laion_ray.engine.plan import fragment_states, split_units
 from laion_ray.error_log import checkpoint_root
+from laion_ray.errors import LaionRayError
 from laion_ray.history import job_history
 from laion_ray.sample import sample_table, write_sample
 
@@ -475,6 +476,73 @@ def test_no_lost_update_when_another_job_commits_the_column_between_assembly_and
             assert not (Path(uri) / "data" / first.file_name).exists(), "superseded file kept"
         else:
             assert path == first.file_name
+
+
+def _ratio_local(uri: str) -> object:
+    return backfill(uri, udfs=["helpers:held_ratio"], unit_rows=UNIT_ROWS, executor="local")
+
+
+def test_a_part_deleted_between_its_write_and_the_commit_fails_the_job(tmp_path, monkeypatch):
+    uri = str(tmp_path / "d.lance")
+    write_sample(uri, rows=300, fragments=3, seed=11)
+    real_commit_ready = engine_run._Run._commit_ready
+    lost: list[str] = []
+
+    def lose_a_part(self, address):
+        if not lost:
+            unit = next(u for u in self.units if u.fragment_id == 1)
+            lost.append(self.done[unit.index].paths[0])
+            os.remove(lost[0])
+        return real_commit_ready(self, address)
+
+    monkeypatch.setattr(engine_run._Run, "_commit_ready", lose_a_part)
+    with pytest.raises(LaionRayError, match=r"^fragment 1: a checkpoint part of unit 2 "):
+        _ratio_local(uri)
+    ds = lance.dataset(uri)
+    assert "ar_held" not in ds.schema.names or ds.to_table()["ar_held"].null_count == 300
+    assert not [e for e in job_history(uri) if e["operation"] == "DataReplacement"]
+    before = {f.name for f in (Path(uri) / "data").iterdir()}
+    assert len(before) == 3, "the failed assembly left a column file behind"
+
+
+def test_a_unit_that_lost_its_records_fails_the_job_and_the_rerun_recomputes_it(
+    tmp_path, monkeypatch
+):
+    """The stream ends cleanly but a unit's records never arrived: not taken as 0 rows."""
+    uri = str(tmp_path / "d.lance")
+    write_sample(uri, rows=300, fragments=3, seed=12)
+    real_records = engine_run._Run._local_records
+
+    def drop_fragment_2(self, todo, skip_keys):
+        for records in real_records(self, todo, skip_keys):
+            unit_fragments = [self.units[u].fragment_id for u in records["unit"].to_pylist()]
+            keep = [f != 2 for f in unit_fragments]
+            yield records.filter(pa.array(keep))
+
+    monkeypatch.setattr(engine_run._Run, "_local_records", drop_fragment_2)
+    with pytest.raises(
+        LaionRayError, match="^fragment 2: 0 rows were computed, but the job selects 100"
+    ):
+        _ratio_local(uri)
+    assert not [e for e in job_history(uri) if e["operation"] == "DataReplacement"]
+
+    monkeypatch.undo()
+    report = _ratio_local(uri)  # units without records are recomputed, the rest resumed
+    assert report.rows_processed == 100 and report.rows_resumed == 200
+    table = lance.dataset(uri).to_table(columns=["width", "height", "ar_held"])
+    assert table["ar_held"].to_pylist() == _expected_ratio(table)
+
+
+def test_accounting_counts_known_bad_rows_as_skipped(tmp_path):
+    """An incremental rerun skips rows that failed before; that is not a mismatch."""
+    uri = str(tmp_path / "d.lance")
+    write_sample(uri, rows=400, fragments=2, seed=13)
+    first = backfill(uri, udfs=["helpers:fail_on_keys"], where="key < 300", executor="local",
+                     max_error_fraction=0.5)  # fmt: skip
+    assert first.rows_failed > 0
+    again = backfill(uri, udfs=["helpers:fail_on_keys"], executor="local", max_error_fraction=0.5)
+    assert again.rows_skipped_failed == first.rows_failed
+    assert again.rows_processed == 100
 
 
 # --- 4. periodic commits ---------------------------------------------------------------

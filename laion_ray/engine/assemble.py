@@ -20,11 +20,16 @@ import pyarrow.compute as pc
 from lance.file import LanceFileWriter
 
 from laion_ray.error_log import ERROR_SCHEMA
+from laion_ray.errors import LaionRayError, brief
 from laion_ray.storage import join_uri, open_dataset, resolve_storage_options
 
 from .checkpoint import read_part
-from .commit import ColumnFile, check_unchanged, column_files, field_ids
+from .commit import ColumnFile, check_unchanged, column_files, delete_data_file, field_ids
 from .plan import ERROR_PREFIX, ROWADDR, WorkUnit
+
+
+class MissingPart(LaionRayError):
+    """A finished unit's checkpointed outputs are gone: its rows cannot be committed."""
 
 
 @dataclasses.dataclass
@@ -138,7 +143,18 @@ def assemble_fragment(
     errors: list[dict] = []
     for unit, paths in sorted(units, key=lambda u: u[0].start):
         current = _current_values(ds, unit, schema, existing)
-        part = _read_parts(paths, opts)
+        try:
+            part = _read_parts(paths, opts)
+        except FileNotFoundError as exc:
+            writer.close()
+            delete_data_file(uri, file_name, opts)
+            raise MissingPart(
+                f"fragment {fragment_id}: a checkpoint part of unit {unit.index} (rows "
+                f"{unit.start}-{unit.end}) is missing ({brief(exc)}); nothing of fragment "
+                f"{fragment_id} was committed. The ledger counts that unit as finished, so "
+                f"delete this job's checkpoint ({paths[0].rsplit('/parts/', 1)[0]}) and "
+                "rerun to recompute it"
+            ) from exc
         if part is not None and part.num_rows:
             offsets = part[ROWADDR].to_numpy().astype(np.int64) - (fragment_id << 32) - unit.start
             current = pa.table(

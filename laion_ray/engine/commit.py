@@ -231,14 +231,15 @@ def replace_column_files(
         )
         fresh = reassemble(changed)
         for fragment_id in changed:
-            _delete_file(uri, current[fragment_id].file_name, opts)
+            delete_data_file(uri, current[fragment_id].file_name, opts)
             current[fragment_id] = fresh[fragment_id]
         raise Rebuild
 
     return commit(uri, build, job=job, details=details, storage_options=opts)
 
 
-def _delete_file(uri: str, file_name: str, opts: Mapping[str, str]) -> None:
+def delete_data_file(uri: str, file_name: str, opts: Mapping[str, str]) -> None:
+    """Delete ``<uri>/data/<file_name>``, a file no version references."""
     fs, path = filesystem(join_uri(uri, "data", file_name), opts)
     with contextlib.suppress(FileNotFoundError, OSError):  # an orphan costs only space
         fs.delete_file(path)

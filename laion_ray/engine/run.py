@@ -9,6 +9,7 @@ resume, the error gate, periodic commits, tags and the report.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from .commit import (
     UDF_METADATA,
     add_columns,
     check_unchanged,
+    delete_data_file,
     replace_column_files,
     tag_version,
 )
@@ -58,6 +60,10 @@ MIN_ROWS_FOR_ERROR_GATE = 1000
 COMMIT_EVERY_S = 300.0
 LEDGER_FLUSH_S = 2.0
 KEY = "key"
+
+
+class AccountingError(LaionRayError):
+    """The rows a job computed for a fragment are not the rows it selects."""
 
 
 @dataclasses.dataclass
@@ -331,6 +337,7 @@ class _Run:
         self.report.rows_skipped_failed = sum(
             len(v) for f, v in skip_keys.items() if f in self.states
         )
+        self.skip_keys = skip_keys
         if todo:
             self._stream(todo, skip_keys, commit_every_s, address)
         # The stream ended cleanly, so every unit without records read no rows.
@@ -484,6 +491,7 @@ class _Run:
         ]
         if not ready:
             return
+        self._check_accounting(ready)
         with_rows = [
             f for f in ready if any(self.done[u.index].rows for u in self.units_by_fragment[f])
         ]
@@ -540,6 +548,37 @@ class _Run:
         self.manifest["committed"] = sorted(self.committed)
         self.checkpoint.save_manifest(self.manifest)
 
+    def _check_accounting(self, fragments: Sequence[int]) -> None:
+        """Fail, naming the fragment, unless its finished units hold every selected row.
+
+        Rows written (the finished units' counts) must equal the rows the filter
+        selects at the pinned version, less the known-bad keys the reads skip.
+        A unit that silently produced nothing never reaches a commit. Costs one
+        count per fragment at commit time (a scan of the filter's columns).
+        """
+        ds = open_dataset(
+            self.job.uri,
+            version=self.manifest["read_version"],
+            storage_options=self.storage_options,
+        )
+        where = self.manifest["filter"]
+        for f in fragments:
+            written = sum(self.done[u.index].rows for u in self.units_by_fragment[f])
+            fragment = ds.get_fragment(f)
+            skip = self.skip_keys.get(f, ()) if KEY in self.job.read_columns else ()
+            if len(skip):
+                keys = fragment.to_table(columns=[KEY], filter=where)[KEY]
+                selected = len(keys) - pc.sum(pc.is_in(keys, pa.array(skip, keys.type))).as_py()
+            else:
+                selected = fragment.count_rows(where)
+            if written != selected:
+                raise AccountingError(
+                    f"fragment {f}: {written} rows were computed, but the job selects "
+                    f"{selected} (known-bad rows skipped excluded); nothing of fragment {f} "
+                    "was committed. Rerun the same command: units without records are "
+                    "recomputed"
+                )
+
     def _assemble(self, fragments: Sequence[int], address):
         latest = open_dataset(self.job.uri, storage_options=self.storage_options)
         for f in fragments:  # fail fast, before any work, if a fragment was rewritten
@@ -557,21 +596,25 @@ class _Run:
         ]
         if self.local:
             with ThreadPoolExecutor(LOCAL_THREADS) as pool:
-                return list(pool.map(lambda a: assemble_fragment(*a), args))
-        import ray
+                futures = [pool.submit(assemble_fragment, *a) for a in args]
+            outcomes = [f.result for f in futures]
+        else:
+            import ray
 
-        from laion_ray.ray_env import ensure_ray
+            from laion_ray.ray_env import ensure_ray
 
-        ensure_ray(address)
-        task = ray.remote(num_cpus=0.5)(assemble_fragment)
-        refs = [task.remote(*a) for a in args]
+            ensure_ray(address)
+            task = ray.remote(num_cpus=0.5)(assemble_fragment)
+            outcomes = [functools.partial(ray.get, task.remote(*a)) for a in args]
         # Collect every result so no failure is left unhandled in Ray's log.
         results, failure = [], None
-        for ref in refs:
+        for outcome in outcomes:
             try:
-                results.append(ray.get(ref))
+                results.append(outcome())
             except Exception as exc:
                 failure = failure or exc
         if failure is not None:
+            for assembled in results:  # nothing references them: no orphans
+                delete_data_file(self.job.uri, assembled.file_name, self.storage_options)
             raise failure
         return results
