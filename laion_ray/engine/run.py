@@ -41,6 +41,7 @@ from .commit import (
     replace_column_files,
     tag_version,
 )
+from .lease import JobLease
 from .plan import (
     ROWADDR,
     WorkUnit,
@@ -247,6 +248,22 @@ def run_job(
         retry=retry_errors,
         parts=ckpt.PART_FORMAT,
     )
+    # One driver per job: a second one exits here, before it touches the checkpoint.
+    with JobLease(root, fingerprint, storage_options) as lease:
+        return _run_leased(
+            job, lease, ds, root, fingerprint, new, overwritten, incremental,
+            retry_errors=retry_errors, max_error_fraction=max_error_fraction, tag=tag,
+            unit_rows=unit_rows, commit_every_s=commit_every_s, report_path=report_path,
+            storage_options=storage_options, address=address, executor=executor,
+        )  # fmt: skip
+
+
+def _run_leased(
+    job, lease, ds, root, fingerprint, new, overwritten, incremental, *, retry_errors,
+    max_error_fraction, tag, unit_rows, commit_every_s, report_path, storage_options, address,
+    executor,
+) -> JobReport:  # fmt: skip
+    """:func:`run_job` once this driver holds the job's lease."""
     checkpoint = ckpt.JobCheckpoint(root, fingerprint, storage_options)
     manifest = checkpoint.load_manifest()
     if manifest is not None and (reason := _stale_reason(manifest, ds, job.read_columns)):
@@ -278,11 +295,13 @@ def run_job(
         ray_attached=ray_attached(address),
     )
     run = _Run(job, manifest, checkpoint, root, storage_options, max_error_fraction, local, resumed)
+    run.lease = lease
     report = run.execute(retry_errors, commit_every_s, address)
     if tag:
         latest = open_dataset(job.uri, storage_options=storage_options)
         tag_version(job.uri, tag, latest.version, storage_options=storage_options)
         report.tag = tag
+    lease.check()
     checkpoint.remove()
     if report_path:
         fs, path = filesystem(report_path)
@@ -320,6 +339,7 @@ class _Run:
         )
         self.errors_before = sum(u.errors for u in self.done.values())
         self.columns_ready = False
+        self.lease: JobLease | None = None  # set by run_job; checked before every commit
         self.started = time.monotonic()
 
     def execute(self, retry_errors: bool, commit_every_s: float, address) -> JobReport:
@@ -491,6 +511,8 @@ class _Run:
         ]
         if not ready:
             return
+        if self.lease is not None:
+            self.lease.check()
         self._check_accounting(ready)
         with_rows = [
             f for f in ready if any(self.done[u.index].rows for u in self.units_by_fragment[f])
