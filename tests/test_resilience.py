@@ -424,21 +424,24 @@ def test_commit_retry_rebuilds_instead_of_resending_a_stale_schema(tmp_path):
     _assert_all_survive(uri, appended=0)
 
 
-def _stamp(uri: str, job: int, **options) -> object:
+def _stamp(uri: str, job: int, executor: str = "local", **options) -> object:
     return backfill(
         uri,
         udfs=["helpers:stamp"],
         udf_params={"helpers:stamp": {"job": job}},
         unit_rows=UNIT_ROWS,
-        executor="local",
+        executor=executor,
         **options,
     )
 
 
+@pytest.mark.parametrize("executor", ["local", "ray"])
 def test_no_lost_update_when_another_job_commits_the_column_between_assembly_and_commit(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, request, executor
 ):
     """Job A assembles, job B commits the same column on other rows, then A commits."""
+    if executor == "ray":  # A's assembly and re-assembly run as Ray tasks
+        request.getfixturevalue("ray_session")
     uri = str(tmp_path / "d.lance")
     write_sample(uri, rows=300, fragments=3, seed=10)
     _stamp(uri, 0)  # every row: key * 10
@@ -453,8 +456,8 @@ def test_no_lost_update_when_another_job_commits_the_column_between_assembly_and
         return real_replace(dataset_uri, files, *args, **kwargs)
 
     monkeypatch.setattr(engine_run, "replace_column_files", b_commits_first)
-    a = _stamp(uri, 1, where="key % 2 = 0", overwrite=True)
-    assert a.rows_processed == 150
+    a = _stamp(uri, 1, executor, where="key % 2 = 0", overwrite=True)
+    assert a.rows_processed == 150 and a.executor == executor
 
     table = _sorted_table(uri)
     expected = [
