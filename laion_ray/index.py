@@ -7,13 +7,14 @@ codebook), a few hundred query vectors and ``Index`` metadata.
 The new index is built under the *same name* as the one it replaces and is
 first committed as a detached version: recall is measured there while readers
 of the main history keep using the old index. Only if the gate passes is one
-``CreateIndex`` (new segment in, old segments out) committed on top of the
-version the build read, so the swap is a single atomic manifest change.
+``CreateIndex`` (new segment in, old segments out) committed, so the swap is a
+single atomic manifest change. It goes through the engine's one commit path
+(:func:`laion_ray.engine.commit.commit`): derived at the newest version, with
+the same retries, job properties and tag semantics as a backfill.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -25,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from laion_ray import recall as rc
+from laion_ray.engine.commit import NotRebaseable, column_files, commit, field_ids, tag_version
 from laion_ray.errors import LaionRayError
 from laion_ray.storage import join_uri, open_dataset, remove_tree, resolve_storage_options
 
@@ -221,6 +223,34 @@ def _merge_task(uri, version, storage_options, segments):
     return merged
 
 
+def _swap_operation(latest, built_on, column: str, name: str, merged):
+    """``CreateIndex`` of ``merged`` at ``latest``, replacing that version's ``name`` segments.
+
+    The index holds the vectors of ``built_on``: if another writer since
+    replaced the column's values in, or rewrote, a fragment it covers, it
+    would answer with stale vectors, so the swap is refused.
+    """
+    from lance.dataset import Index, LanceOperation
+
+    ids = field_ids(built_on, [column])
+    for fragment_id in merged.fragment_ids:
+        before, now = built_on.get_fragment(fragment_id), latest.get_fragment(fragment_id)
+        if now is None or (now.metadata.physical_rows, column_files(now, ids)) != (
+            before.metadata.physical_rows,
+            column_files(before, ids),
+        ):
+            raise NotRebaseable(
+                f"fragment {fragment_id} of {latest.uri}: {column!r} was rewritten by another "
+                "writer while the index was built; rerun the rebuild"
+            )
+    removed = [
+        Index(uuid=s.uuid, name=i.name, fields=list(i.fields), fragment_ids=s.fragment_ids,
+              dataset_version=s.dataset_version_at_last_update, index_version=s.index_version)
+        for i in latest.describe_indices() if i.name == name for s in i.segments
+    ]  # fmt: skip
+    return LanceOperation.CreateIndex(new_indices=[merged], removed_indices=removed)
+
+
 def _validate(partitions, sub_vectors, metric, sample_rate, min_recall, num_workers, tag):
     if metric not in METRICS:
         raise LaionRayError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -282,8 +312,6 @@ def reindex(
     opts = resolve_storage_options(storage_options)
     ds = open_dataset(uri, storage_options=opts)
     dim = vector_dim(ds, column)
-    if tag is not None and tag in ds.tags.list():
-        raise LaionRayError(f"tag {tag!r} already exists on {uri}")
     frags = [(f.fragment_id, f.count_rows()) for f in ds.get_fragments()]
     rows = sum(r for _, r in frags)
     partitions = partitions or max(1, round(math.sqrt(rows)))
@@ -347,6 +375,7 @@ def reindex(
     timings["build"] = time.perf_counter() - t0 - sum(timings.values())
 
     # Stage as a detached version: readers of the main history still see the old index.
+    # It is never part of that history, so it does not go through the commit path.
     from lance import LanceDataset
     from lance.dataset import Index, LanceOperation, Transaction
 
@@ -375,12 +404,16 @@ def reindex(
             for k, v in report.to_dict().items()
             if k not in ("grid", "uri", "committed_version", "swapped", "timings_s")
         }
-        props = {"laion_ray.job": JOB, "laion_ray.details": json.dumps(details, default=str)}
-        txn = Transaction(version, op, transaction_properties=props)
-        new_ds = LanceDataset.commit(uri, txn, storage_options=opts)
+        new_ds = commit(
+            uri,
+            lambda latest: _swap_operation(latest, ds, column, name, merged),
+            job=JOB,
+            details=details,
+            storage_options=opts,
+        )
         report.committed_version, report.swapped = new_ds.version, True
         if tag:
-            new_ds.tags.create(tag, new_ds.version)
+            tag_version(uri, tag, new_ds.version, storage_options=opts)
         log.info("committed %s as version %d", name, new_ds.version)
     else:
         # Only the throwaway detached version references the rejected index.

@@ -97,6 +97,65 @@ def test_old_index_answers_until_swap(ray_session, indexed, monkeypatch):
     assert index_uuids(indexed) == [report.new_index_uuid]
 
 
+def _during_verify(monkeypatch, action):
+    """Run ``action()`` while the rebuild measures recall: after its build, before its commit."""
+    real = rc.recall_grid
+
+    def spy(*args, **kwargs):
+        action()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rc, "recall_grid", spy)
+
+
+def test_swap_commits_through_the_commit_path_on_top_of_concurrent_writers(
+    ray_session, indexed, monkeypatch
+):
+    from laion_ray.history import job_history
+
+    extra = write_table(indexed.parent / "extra.lance", rows=500, seed=7).to_table()
+
+    def other_writer():  # appends rows, then adds a column: two versions after the build's
+        lance.dataset(str(indexed)).insert(extra)
+        lance.dataset(str(indexed)).add_columns({"doubled": "key * 2"})
+
+    _during_verify(monkeypatch, other_writer)
+    built_on = lance.dataset(str(indexed)).version
+    report = reindex(str(indexed), partitions=16, sub_vectors=8, tag="ivf")
+    ds = lance.dataset(str(indexed))
+    assert report.swapped and report.committed_version == ds.version == built_on + 3
+    assert ds.count_rows() == 3500 and "doubled" in ds.schema.names
+    assert index_uuids(indexed) == [report.new_index_uuid]
+    (entry,) = [e for e in job_history(str(indexed)) if e["job"] == "reindex"]
+    assert entry["operation"] == "CreateIndex" and entry["details"]["partitions"] == 16
+    assert entry["tags"] == ["ivf"]
+
+    # Same tag semantics as a backfill: a rerun moves the tag instead of failing.
+    monkeypatch.undo()
+    again = reindex(str(indexed), partitions=16, sub_vectors=8, tag="ivf")
+    assert lance.dataset(str(indexed)).tags.list()["ivf"]["version"] == again.committed_version
+
+
+def test_swap_is_refused_when_the_indexed_fragments_were_rewritten(
+    ray_session, indexed, monkeypatch
+):
+    compacted = {}
+
+    def compact():
+        ds = lance.dataset(str(indexed))
+        ds.optimize.compact_files(target_rows_per_fragment=10_000)
+        compacted["version"] = lance.dataset(str(indexed)).version
+        compacted["indices"] = index_uuids(indexed)  # compaction remaps the old index
+
+    _during_verify(monkeypatch, compact)
+    with pytest.raises(LaionRayError, match="was rewritten by another writer"):
+        reindex(str(indexed), partitions=16, sub_vectors=8)
+    ds = lance.dataset(str(indexed))
+    assert len(ds.get_fragments()) == 1
+    assert ds.version == compacted["version"], "nothing may be committed after the compaction"
+    assert index_uuids(indexed) == compacted["indices"]
+
+
 def test_min_recall_gate_keeps_old_index(ray_session, indexed):
     (old,) = index_uuids(indexed)
     version = lance.dataset(str(indexed)).version

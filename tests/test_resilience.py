@@ -28,9 +28,19 @@ from lance.fragment import DataFile
 
 from laion_ray.backfill import backfill
 from laion_ray.engine import checkpoint as ckpt
-from laion_ray.engine.commit import UDF_METADATA, add_columns, commit, replace_column_files
+from laion_ray.engine import run as engine_run
+from laion_ray.engine.commit import (
+    UDF_METADATA,
+    ColumnFile,
+    add_columns,
+    column_files,
+    commit,
+    field_ids,
+    replace_column_files,
+)
 from laion_ray.engine.plan import fragment_states, split_units
 from laion_ray.error_log import checkpoint_root
+from laion_ray.errors import LaionRayError
 from laion_ray.history import job_history
 from laion_ray.sample import sample_table, write_sample
 
@@ -364,7 +374,7 @@ def _prepare_column_files(uri: str) -> tuple[lance.LanceDataset, dict[int, str],
         writer = LanceFileWriter(f"{uri}/data/{name}", pa.schema([field]))
         writer.write_batch(pa.table({"twice": pc.multiply(keys, 2)}, schema=pa.schema([field])))
         writer.close()
-        files[frag.fragment_id] = name
+        files[frag.fragment_id] = ColumnFile(name, column_files(frag, field_ids(at, ["twice"])))
     planned = {s.fragment_id: s for s in fragment_states(at, ["key"])}
     return at, files, planned
 
@@ -404,14 +414,138 @@ def test_commit_retry_rebuilds_instead_of_resending_a_stale_schema(tmp_path):
             lance.dataset(uri).add_columns({"other_col": "key * 3"})
         return lance.LanceOperation.DataReplacement(
             [
-                lance.LanceOperation.DataReplacementGroup(fid, DataFile.create(latest, name))
-                for fid, name in files.items()
+                lance.LanceOperation.DataReplacementGroup(fid, DataFile.create(latest, f.file_name))
+                for fid, f in files.items()
             ]
         )
 
     commit(uri, build, job="test", details={})
     assert seen == [seen[0], seen[0] + 1], "the first attempt should conflict and be rebuilt"
     _assert_all_survive(uri, appended=0)
+
+
+def _stamp(uri: str, job: int, executor: str = "local", **options) -> object:
+    return backfill(
+        uri,
+        udfs=["helpers:stamp"],
+        udf_params={"helpers:stamp": {"job": job}},
+        unit_rows=UNIT_ROWS,
+        executor=executor,
+        **options,
+    )
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_no_lost_update_when_another_job_commits_the_column_between_assembly_and_commit(
+    tmp_path, monkeypatch, request, executor
+):
+    """Job A assembles, job B commits the same column on other rows, then A commits."""
+    if executor == "ray":  # A's assembly and re-assembly run as Ray tasks
+        request.getfixturevalue("ray_session")
+    uri = str(tmp_path / "d.lance")
+    write_sample(uri, rows=300, fragments=3, seed=10)
+    _stamp(uri, 0)  # every row: key * 10
+    real_replace = engine_run.replace_column_files
+    a_files: list[dict[int, ColumnFile]] = []
+
+    def b_commits_first(dataset_uri, files, *args, **kwargs):
+        if not a_files:  # A's first commit: its files are assembled, B commits now
+            a_files.append(dict(files))
+            b = _stamp(uri, 2, where="key % 2 = 1 AND key < 100", overwrite=True)
+            assert b.rows_processed == 50 and b.commits == 1
+        return real_replace(dataset_uri, files, *args, **kwargs)
+
+    monkeypatch.setattr(engine_run, "replace_column_files", b_commits_first)
+    a = _stamp(uri, 1, executor, where="key % 2 = 0", overwrite=True)
+    assert a.rows_processed == 150 and a.executor == executor
+
+    table = _sorted_table(uri)
+    expected = [
+        10 * k + (1 if k % 2 == 0 else 2 if k < 100 else 0) for k in table["key"].to_pylist()
+    ]
+    assert table["stamp"].to_pylist() == expected  # both jobs' rows survive
+    history = [(e["operation"], e["details"].get("filter")) for e in job_history(uri)]
+    assert [f for op, f in history if op == "DataReplacement"][-2:] == [
+        "(key % 2 = 1 AND key < 100)",
+        "(key % 2 = 0)",
+    ], "B must commit between A's assembly and A's commit"
+    # Only the fragment B changed was re-assembled; the others kept A's first files.
+    final = {f.fragment_id: f for f in lance.dataset(uri).get_fragments()}
+    ids = field_ids(lance.dataset(uri), ["stamp"])
+    for fid, first in a_files[0].items():
+        (path,) = column_files(final[fid], ids)
+        if fid == 0:
+            assert path != first.file_name
+            assert not (Path(uri) / "data" / first.file_name).exists(), "superseded file kept"
+        else:
+            assert path == first.file_name
+
+
+def _ratio_local(uri: str) -> object:
+    return backfill(uri, udfs=["helpers:held_ratio"], unit_rows=UNIT_ROWS, executor="local")
+
+
+def test_a_part_deleted_between_its_write_and_the_commit_fails_the_job(tmp_path, monkeypatch):
+    uri = str(tmp_path / "d.lance")
+    write_sample(uri, rows=300, fragments=3, seed=11)
+    real_commit_ready = engine_run._Run._commit_ready
+    lost: list[str] = []
+
+    def lose_a_part(self, address):
+        if not lost:
+            unit = next(u for u in self.units if u.fragment_id == 1)
+            lost.append(self.done[unit.index].paths[0])
+            os.remove(lost[0])
+        return real_commit_ready(self, address)
+
+    monkeypatch.setattr(engine_run._Run, "_commit_ready", lose_a_part)
+    with pytest.raises(LaionRayError, match=r"^fragment 1: a checkpoint part of unit 2 "):
+        _ratio_local(uri)
+    ds = lance.dataset(uri)
+    assert "ar_held" not in ds.schema.names or ds.to_table()["ar_held"].null_count == 300
+    assert not [e for e in job_history(uri) if e["operation"] == "DataReplacement"]
+    before = {f.name for f in (Path(uri) / "data").iterdir()}
+    assert len(before) == 3, "the failed assembly left a column file behind"
+
+
+def test_a_unit_that_lost_its_records_fails_the_job_and_the_rerun_recomputes_it(
+    tmp_path, monkeypatch
+):
+    """The stream ends cleanly but a unit's records never arrived: not taken as 0 rows."""
+    uri = str(tmp_path / "d.lance")
+    write_sample(uri, rows=300, fragments=3, seed=12)
+    real_records = engine_run._Run._local_records
+
+    def drop_fragment_2(self, todo, skip_keys):
+        for records in real_records(self, todo, skip_keys):
+            unit_fragments = [self.units[u].fragment_id for u in records["unit"].to_pylist()]
+            keep = [f != 2 for f in unit_fragments]
+            yield records.filter(pa.array(keep))
+
+    monkeypatch.setattr(engine_run._Run, "_local_records", drop_fragment_2)
+    with pytest.raises(
+        LaionRayError, match="^fragment 2: 0 rows were computed, but the job selects 100"
+    ):
+        _ratio_local(uri)
+    assert not [e for e in job_history(uri) if e["operation"] == "DataReplacement"]
+
+    monkeypatch.undo()
+    report = _ratio_local(uri)  # units without records are recomputed, the rest resumed
+    assert report.rows_processed == 100 and report.rows_resumed == 200
+    table = lance.dataset(uri).to_table(columns=["width", "height", "ar_held"])
+    assert table["ar_held"].to_pylist() == _expected_ratio(table)
+
+
+def test_accounting_counts_known_bad_rows_as_skipped(tmp_path):
+    """An incremental rerun skips rows that failed before; that is not a mismatch."""
+    uri = str(tmp_path / "d.lance")
+    write_sample(uri, rows=400, fragments=2, seed=13)
+    first = backfill(uri, udfs=["helpers:fail_on_keys"], where="key < 300", executor="local",
+                     max_error_fraction=0.5)  # fmt: skip
+    assert first.rows_failed > 0
+    again = backfill(uri, udfs=["helpers:fail_on_keys"], executor="local", max_error_fraction=0.5)
+    assert again.rows_skipped_failed == first.rows_failed
+    assert again.rows_processed == 100
 
 
 # --- 4. periodic commits ---------------------------------------------------------------

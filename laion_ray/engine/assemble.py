@@ -2,8 +2,10 @@
 
 The file holds one value per *physical* row (deleted rows included), which is
 what Lance's DataReplacement expects. Rows not processed keep their current
-value: null for a new column, the old value for an overwritten one. Memory is
-bounded by one unit, whatever the fragment size.
+value: null for a new column, the old value for an overwritten one, another
+writer's value where it wrote one. The file records which data files those
+values came from, so the commit can tell whether they are still the newest.
+Memory is bounded by one unit, whatever the fragment size.
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ import pyarrow.compute as pc
 from lance.file import LanceFileWriter
 
 from laion_ray.error_log import ERROR_SCHEMA
+from laion_ray.errors import LaionRayError, brief
 from laion_ray.storage import cached_dataset, join_uri, open_dataset, resolve_storage_options
 
 from .checkpoint import read_part
-from .commit import check_unchanged
+from .commit import ColumnFile, check_unchanged, column_files, delete_data_file, field_ids
 from .plan import ERROR_PREFIX, ROWADDR, WorkUnit
+
+
+class MissingPart(LaionRayError):
+    """A finished unit's checkpointed outputs are gone: its rows cannot be committed."""
 
 
 @dataclasses.dataclass
@@ -30,6 +37,11 @@ class AssembledFragment:
     fragment_id: int
     file_name: str  # relative to <uri>/data
     errors: pa.Table
+    based_on: tuple[str, ...]  # the fragment's data files of these columns that were read
+
+    @property
+    def column_file(self) -> ColumnFile:
+        return ColumnFile(self.file_name, self.based_on)
 
 
 def _read_parts(paths: Sequence[str], opts: Mapping[str, str]) -> pa.Table | None:
@@ -45,15 +57,14 @@ def _read_parts(paths: Sequence[str], opts: Mapping[str, str]) -> pa.Table | Non
     return table.filter(pa.array(np.concatenate([[True], addr[1:] != addr[:-1]])))
 
 
-def _current_values(ds, unit: WorkUnit, schema: pa.Schema, added: Sequence[str]) -> pa.Table:
+def _current_values(ds, unit: WorkUnit, schema: pa.Schema, existing: Sequence[str]) -> pa.Table:
     """The unit's stored values: rows this job did not compute keep them.
 
-    A column this job ``added`` is null until its own commit; one that existed
-    before (incremental fill, overwrite) keeps its values outside the parts.
+    Only ``existing`` columns have stored values in this fragment; the others
+    are null (a column added but not yet written here).
     """
     rows = unit.end - unit.start
     columns = {f.name: pa.nulls(rows, f.type) for f in schema}
-    existing = [f.name for f in schema if f.name in ds.schema.names and f.name not in added]
     if existing:
         base = unit.fragment_id << 32
         stored = (
@@ -110,7 +121,6 @@ def assemble_fragment(
     units: Sequence[tuple[WorkUnit, Sequence[str]]],
     physical_rows: int,
     schema: pa.Schema,
-    added: Sequence[str],
     storage_options: Mapping[str, str] | None,
     *,
     version: int | None = None,
@@ -118,6 +128,7 @@ def assemble_fragment(
     """Write ``schema``'s columns for every physical row of ``fragment_id``.
 
     ``units`` must cover the fragment's rows in order, each with its part paths.
+    Rows outside the parts keep the values of the newest version.
     ``version`` (the newest version the driver saw) lets the tasks of one
     commit share one dataset open per worker process; None opens the newest.
     """
@@ -128,12 +139,30 @@ def assemble_fragment(
         else cached_dataset(uri, version=version, storage_options=opts)
     )
     check_unchanged(ds, fragment_id, physical_rows)
+    fragment = ds.get_fragment(fragment_id)
+    existing = [
+        f.name
+        for f in schema
+        if f.name in ds.schema.names and column_files(fragment, field_ids(ds, [f.name]))
+    ]
+    based_on = column_files(fragment, field_ids(ds, schema.names))
     file_name = f"{uuid.uuid4().hex}.lance"
     writer = LanceFileWriter(join_uri(uri, "data", file_name), schema, storage_options=opts)
     errors: list[dict] = []
     for unit, paths in sorted(units, key=lambda u: u[0].start):
-        current = _current_values(ds, unit, schema, added)
-        part = _read_parts(paths, opts)
+        current = _current_values(ds, unit, schema, existing)
+        try:
+            part = _read_parts(paths, opts)
+        except FileNotFoundError as exc:
+            writer.close()
+            delete_data_file(uri, file_name, opts)
+            raise MissingPart(
+                f"fragment {fragment_id}: a checkpoint part of unit {unit.index} (rows "
+                f"{unit.start}-{unit.end}) is missing ({brief(exc)}); nothing of fragment "
+                f"{fragment_id} was committed. The ledger counts that unit as finished, so "
+                f"delete this job's checkpoint ({paths[0].rsplit('/parts/', 1)[0]}) and "
+                "rerun to recompute it"
+            ) from exc
         if part is not None and part.num_rows:
             offsets = part[ROWADDR].to_numpy().astype(np.int64) - (fragment_id << 32) - unit.start
             current = pa.table(
@@ -144,5 +173,5 @@ def assemble_fragment(
         writer.write_batch(current)
     writer.close()
     return AssembledFragment(
-        fragment_id, file_name, pa.Table.from_pylist(errors, schema=ERROR_SCHEMA)
+        fragment_id, file_name, pa.Table.from_pylist(errors, schema=ERROR_SCHEMA), based_on
     )

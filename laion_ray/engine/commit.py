@@ -3,12 +3,16 @@
 Each commit re-derives its operation from the newest version before trying,
 so a retry after a concurrent writer never re-sends a stale snapshot of the
 schema or fragment list (the way a whole-schema ``Merge`` drops a column that
-another writer added meanwhile). Every commit carries the job's name and
-details as transaction properties, which ``laion-ray history`` reads back.
+another writer added meanwhile). A column file is committed only while the
+values it was built from are still the newest (no lost update). Every commit
+carries the job's name and details as transaction properties, which
+``laion-ray history`` reads back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -22,7 +26,7 @@ from lance.dataset import Transaction
 from lance.fragment import DataFile
 
 from laion_ray.errors import LaionRayError
-from laion_ray.storage import open_dataset, resolve_storage_options
+from laion_ray.storage import filesystem, join_uri, open_dataset, resolve_storage_options
 
 from .plan import FragmentState
 
@@ -36,6 +40,49 @@ MAX_ATTEMPTS = 12
 
 class NotRebaseable(LaionRayError):
     """Another writer changed what this commit was computed from."""
+
+
+class Rebuild(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by a ``build`` whose inputs were refreshed: build again at the newest version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnFile:
+    """A fragment's new column file and what it was built from.
+
+    Attributes:
+        file_name: The file, relative to ``<uri>/data``.
+        based_on: The fragment's data files that held the target columns when
+            the file was assembled (see :func:`column_files`).
+    """
+
+    file_name: str
+    based_on: tuple[str, ...]
+
+
+def field_ids(ds: lance.LanceDataset, columns: Sequence[str]) -> set[int]:
+    """Lance field ids of ``columns``, nested fields included."""
+    ids: set[int] = set()
+
+    def walk(field) -> None:
+        ids.add(field.id())
+        for child in field.children():
+            walk(child)
+
+    for field in ds.lance_schema.fields():
+        if field.name() in columns:
+            walk(field)
+    return ids
+
+
+def column_files(fragment: lance.LanceFragment, ids: set[int]) -> tuple[str, ...]:
+    """Paths of the fragment's data files holding any of the field ``ids``.
+
+    A writer that changes a column's values in a fragment always swaps in a
+    new data file for it, so equal paths mean unchanged values; rows appended,
+    deleted or other columns added leave them alone.
+    """
+    return tuple(sorted(f.path for f in fragment.metadata.files if ids.intersection(f.fields)))
 
 
 def commit(
@@ -54,7 +101,10 @@ def commit(
     properties = {JOB_PROPERTY: job, DETAILS_PROPERTY: json.dumps(details, default=str)}
     for attempt in range(MAX_ATTEMPTS):
         latest = open_dataset(uri, storage_options=opts)
-        operation = build(latest)
+        try:
+            operation = build(latest)
+        except Rebuild:
+            continue
         if operation is None:
             return latest
         try:
@@ -97,6 +147,17 @@ def add_columns(
     return commit(uri, build, job=job, details=details, storage_options=storage_options)
 
 
+def tag_version(
+    uri: str, tag: str, version: int, *, storage_options: Mapping[str, str] | None = None
+) -> None:
+    """Point ``tag`` at ``version``: created, or moved there if it exists (a rerun)."""
+    ds = open_dataset(uri, storage_options=storage_options)
+    if tag in ds.tags.list():
+        ds.tags.update(tag, version)
+    else:
+        ds.tags.create(tag, version)
+
+
 def check_unchanged(latest: lance.LanceDataset, fragment_id: int, physical_rows: int) -> None:
     """Raise :class:`NotRebaseable` if the fragment was removed or rewritten."""
     frag = latest.get_fragment(fragment_id)
@@ -110,26 +171,75 @@ def check_unchanged(latest: lance.LanceDataset, fragment_id: int, physical_rows:
 
 def replace_column_files(
     uri: str,
-    files: Mapping[int, str],
+    files: Mapping[int, ColumnFile],
     planned: Mapping[int, FragmentState],
     *,
     job: str,
     details: Mapping[str, object],
     storage_options: Mapping[str, str] | None = None,
+    reassemble: Callable[[Sequence[int]], Mapping[int, ColumnFile]] | None = None,
 ) -> lance.LanceDataset:
-    """Swap in new column files (``fragment id -> file name under data/``).
+    """Swap in new column files, never over values newer than they were built from.
 
     A fragment may gain rows' worth of other writers' columns or deletions and
     still take our file; one that was rewritten (compaction) or removed cannot,
     and fails with :class:`NotRebaseable` so the checkpoints stay for a rerun.
+
+    A file also carries the values of rows this job did not compute, read at
+    assembly. If another writer replaced the target columns of a fragment
+    since (its data files for them differ from ``based_on``), committing the
+    file would restore that writer's rows to their old values: such fragments
+    are rebuilt with ``reassemble`` (fragment ids -> fresh files, built against
+    the newest values) and the commit is derived again; unchanged fragments
+    keep their files. Superseded files, never referenced by any version, are
+    deleted.
+
+    Args:
+        uri: The dataset.
+        files: Fragment id -> its new column file.
+        planned: Fragment states of the plan, to detect rewritten fragments.
+        job: Job name for the commit's properties.
+        details: Job details for the commit's properties.
+        storage_options: Object-store options.
+        reassemble: Rebuilds the given fragments' files from the job's
+            checkpointed outputs; without it a changed fragment is
+            :class:`NotRebaseable`.
     """
+    opts = resolve_storage_options(storage_options)
+    current = dict(files)
 
     def build(latest: lance.LanceDataset):
-        groups = []
-        for fragment_id, file_name in sorted(files.items()):
+        groups, changed = [], []
+        for fragment_id, column_file in sorted(current.items()):
             check_unchanged(latest, fragment_id, planned[fragment_id].physical_rows)
-            data_file = DataFile.create(latest, file_name)
+            data_file = DataFile.create(latest, column_file.file_name)
+            fragment = latest.get_fragment(fragment_id)
+            if column_files(fragment, set(data_file.fields)) != column_file.based_on:
+                changed.append(fragment_id)
             groups.append(lance.LanceOperation.DataReplacementGroup(fragment_id, data_file))
-        return lance.LanceOperation.DataReplacement(groups)
+        if not changed:
+            return lance.LanceOperation.DataReplacement(groups)
+        if reassemble is None:
+            raise NotRebaseable(
+                f"another writer replaced the columns of fragments {changed} of {uri} "
+                "after this job assembled them; rerun the same command"
+            )
+        log.info(
+            "fragments %s: another writer committed these columns since assembly; "
+            "re-assembling them against the newest values",
+            changed,
+        )
+        fresh = reassemble(changed)
+        for fragment_id in changed:
+            delete_data_file(uri, current[fragment_id].file_name, opts)
+            current[fragment_id] = fresh[fragment_id]
+        raise Rebuild
 
-    return commit(uri, build, job=job, details=details, storage_options=storage_options)
+    return commit(uri, build, job=job, details=details, storage_options=opts)
+
+
+def delete_data_file(uri: str, file_name: str, opts: Mapping[str, str]) -> None:
+    """Delete ``<uri>/data/<file_name>``, a file no version references."""
+    fs, path = filesystem(join_uri(uri, "data", file_name), opts)
+    with contextlib.suppress(FileNotFoundError, OSError):  # an orphan costs only space
+        fs.delete_file(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -33,7 +34,15 @@ from laion_ray.udf import TASK_CPUS
 
 from . import checkpoint as ckpt
 from .assemble import assemble_fragment
-from .commit import UDF_METADATA, add_columns, check_unchanged, replace_column_files
+from .commit import (
+    UDF_METADATA,
+    add_columns,
+    check_unchanged,
+    delete_data_file,
+    replace_column_files,
+    tag_version,
+)
+from .lease import JobLease
 from .plan import (
     ROWADDR,
     UnitPlan,
@@ -58,6 +67,10 @@ KEY = "key"
 WAVE_ROUNDS = 16
 WAVE_MIN_UNITS = 2048
 WAVE_MAX_UNITS = 32768
+
+
+class AccountingError(LaionRayError):
+    """The rows a job computed for a fragment are not the rows it selects."""
 
 
 @dataclasses.dataclass
@@ -245,6 +258,22 @@ def run_job(
         retry=retry_errors,
         parts=ckpt.PART_FORMAT,
     )
+    # One driver per job: a second one exits here, before it touches the checkpoint.
+    with JobLease(root, fingerprint, storage_options) as lease:
+        return _run_leased(
+            job, lease, ds, root, fingerprint, new, overwritten, incremental,
+            retry_errors=retry_errors, max_error_fraction=max_error_fraction, tag=tag,
+            unit_rows=unit_rows, commit_every_s=commit_every_s, report_path=report_path,
+            storage_options=storage_options, address=address, executor=executor,
+        )  # fmt: skip
+
+
+def _run_leased(
+    job, lease, ds, root, fingerprint, new, overwritten, incremental, *, retry_errors,
+    max_error_fraction, tag, unit_rows, commit_every_s, report_path, storage_options, address,
+    executor,
+) -> JobReport:  # fmt: skip
+    """:func:`run_job` once this driver holds the job's lease."""
     checkpoint = ckpt.JobCheckpoint(root, fingerprint, storage_options)
     manifest = checkpoint.load_manifest()
     if manifest is not None and (reason := _stale_reason(manifest, ds, job.read_columns)):
@@ -275,14 +304,13 @@ def run_job(
         ray_attached=ray_attached(address),
     )
     run = _Run(job, manifest, checkpoint, root, storage_options, max_error_fraction, local, resumed)
+    run.lease = lease
     report = run.execute(retry_errors, commit_every_s, address)
     if tag:
         latest = open_dataset(job.uri, storage_options=storage_options)
-        if tag in latest.tags.list():
-            latest.tags.update(tag, latest.version)
-        else:
-            latest.tags.create(tag, latest.version)
+        tag_version(job.uri, tag, latest.version, storage_options=storage_options)
         report.tag = tag
+    lease.check()
     checkpoint.remove()
     if report_path:
         fs, path = filesystem(report_path)
@@ -326,6 +354,7 @@ class _Run:
         self.errors_before = int(self.ledger.errors.sum())
         self.known_bad: dict = {}
         self.columns_ready = False
+        self.lease: JobLease | None = None  # set by run_job; checked before every commit
         self.started = time.monotonic()
 
     def _load_checkpoint(self) -> None:
@@ -530,6 +559,9 @@ class _Run:
         ready = [f for f in self.states if f not in self.committed and self.ledger.finished(f)]
         if not ready:
             return
+        if self.lease is not None:
+            self.lease.check()
+        self._check_accounting(ready)
         with_rows = [f for f in ready if self.ledger.counts(f)[0]]
         if with_rows:
             details = {
@@ -552,18 +584,27 @@ class _Run:
                         storage_options=self.storage_options,
                     )
                 self.columns_ready = True
-            assembled = self._assemble(with_rows, address)
+            assembled = {a.fragment_id: a for a in self._assemble(with_rows, address)}
+
+            def reassemble(fragments: Sequence[int]) -> dict:
+                # Another writer committed these columns meanwhile: rebuild the files
+                # from our parts on top of its values.
+                fresh = {a.fragment_id: a for a in self._assemble(fragments, address)}
+                assembled.update(fresh)
+                return {f: a.column_file for f, a in fresh.items()}
+
             replace_column_files(
                 self.job.uri,
-                {a.fragment_id: a.file_name for a in assembled},
+                {f: a.column_file for f, a in assembled.items()},
                 self.states,
                 job=self.job.name,
                 details=details,
                 storage_options=self.storage_options,
+                reassemble=reassemble,
             )
             record_errors(
                 self.root,
-                pa.concat_tables([a.errors for a in assembled]),
+                pa.concat_tables([a.errors for a in assembled.values()]),
                 job=self.checkpoint.fingerprint,
                 replace_fragments=with_rows if self.retry_errors else (),
                 udfs=self.job.producers,
@@ -573,6 +614,38 @@ class _Run:
             self.report.fragments_committed += len(with_rows)
         self.checkpoint.mark_committed({f: self.ledger.counts(f) for f in ready})
         self.committed.update(ready)
+
+    def _check_accounting(self, fragments: Sequence[int]) -> None:
+        """Fail, naming the fragment, unless its finished units hold every selected row.
+
+        Rows written (the finished units' counts) must equal the rows the filter
+        selects at the pinned version, less the known-bad keys the reads skip.
+        A unit that silently produced nothing never reaches a commit. Costs one
+        count per fragment at commit time (a scan of the filter's columns).
+        """
+        ds = open_dataset(
+            self.job.uri,
+            version=self.manifest["read_version"],
+            storage_options=self.storage_options,
+        )
+        where = self.manifest["filter"]
+        for f in fragments:
+            written = self.ledger.counts(f)[0]
+            fragment = ds.get_fragment(f)
+            known_bad = self.known_bad.get(f)
+            skip = known_bad.keys if known_bad and KEY in self.job.read_columns else ()
+            if len(skip):
+                keys = fragment.to_table(columns=[KEY], filter=where)[KEY]
+                selected = len(keys) - pc.sum(pc.is_in(keys, pa.array(skip, keys.type))).as_py()
+            else:
+                selected = fragment.count_rows(where)
+            if written != selected:
+                raise AccountingError(
+                    f"fragment {f}: {written} rows were computed, but the job selects "
+                    f"{selected} (known-bad rows skipped excluded); nothing of fragment {f} "
+                    "was committed. Rerun the same command: units without records are "
+                    "recomputed"
+                )
 
     def _assemble(self, fragments: Sequence[int], address):
         latest = open_dataset(self.job.uri, storage_options=self.storage_options)
@@ -588,7 +661,6 @@ class _Run:
                 f,
                 self.states[f].physical_rows,
                 self.job.outputs,
-                self.manifest["new_fields"],
                 self.storage_options,
                 latest.version,
             )
@@ -596,22 +668,26 @@ class _Run:
         ]
         if self.local:
             with ThreadPoolExecutor(LOCAL_THREADS) as pool:
-                return list(pool.map(lambda a: _assemble_from_parts(*a), args))
-        import ray
+                futures = [pool.submit(_assemble_from_parts, *a) for a in args]
+            outcomes = [f.result for f in futures]
+        else:
+            import ray
 
-        from laion_ray.ray_env import ensure_ray
+            from laion_ray.ray_env import ensure_ray
 
-        ensure_ray(address)
-        task = ray.remote(num_cpus=0.5)(_assemble_from_parts)
-        refs = [task.remote(*a) for a in args]
+            ensure_ray(address)
+            task = ray.remote(num_cpus=0.5)(_assemble_from_parts)
+            outcomes = [functools.partial(ray.get, task.remote(*a)) for a in args]
         # Collect every result so no failure is left unhandled in Ray's log.
         results, failure = [], None
-        for ref in refs:
+        for outcome in outcomes:
             try:
-                results.append(ray.get(ref))
+                results.append(outcome())
             except Exception as exc:
                 failure = failure or exc
         if failure is not None:
+            for assembled in results:  # nothing references them: no orphans
+                delete_data_file(self.job.uri, assembled.file_name, self.storage_options)
             raise failure
         return results
 
@@ -624,7 +700,6 @@ def _assemble_from_parts(
     fragment_id: int,
     physical_rows: int,
     schema: pa.Schema,
-    added: Sequence[str],
     storage_options: Mapping[str, str] | None,
     version: int,
 ):
@@ -635,5 +710,5 @@ def _assemble_from_parts(
         unit = WorkUnit(first_unit + k, fragment_id, start, min(start + unit_rows, physical_rows))
         units.append((unit, finished[unit.index].paths if unit.index in finished else []))
     return assemble_fragment(
-        uri, fragment_id, units, physical_rows, schema, added, storage_options, version=version
+        uri, fragment_id, units, physical_rows, schema, storage_options, version=version
     )
