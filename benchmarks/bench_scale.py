@@ -48,9 +48,13 @@ from laion_ray.error_log import checkpoint_root  # noqa: E402
 from laion_ray.storage import IO_LOG_ENV, read_io_log  # noqa: E402
 
 
-def child(uri: str, unit_rows: int, executor: str) -> None:
+def child(uri: str, unit_rows: int, executor: str, wave_units: int) -> None:
     """One job in this (fresh) process; prints its measurements as JSON."""
     from laion_ray.backfill import backfill
+    from laion_ray.engine import run
+
+    if wave_units:  # a scaled-down run: the same bound on in-flight read tasks, smaller
+        run.WAVE_MIN_UNITS = run.WAVE_MAX_UNITS = wave_units
 
     start = time.perf_counter()
     report = backfill(uri, udfs=["aspect-ratio"], unit_rows=unit_rows, executor=executor)
@@ -61,6 +65,7 @@ def child(uri: str, unit_rows: int, executor: str) -> None:
 
 def _start(uri: str, unit_rows: int, executor: str, env: dict) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--child", uri, str(unit_rows), executor]
+    cmd.append(env.get("BENCH_WAVE_UNITS", "0"))
     return subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
@@ -116,6 +121,25 @@ def measure(
     return result
 
 
+def bookkeeping_us_per_unit(units: int = 100_000, fragments: int = 50) -> float:
+    """The driver's own work per finished unit: count its part record, set its bit."""
+    from laion_ray.engine.checkpoint import UnitLedger, UnitTally
+    from laion_ray.engine.plan import FragmentState, UnitPlan
+
+    per_fragment = units // fragments
+    plan = UnitPlan([FragmentState(f, per_fragment, ()) for f in range(fragments)], 1)
+    ledger, tally = UnitLedger(plan), UnitTally()
+    records = [
+        {"unit": u, "run": "r", "first": 0, "rows": 1, "unit_rows": 1, "errors": 0}
+        for u in range(plan.total)
+    ]
+    start = time.perf_counter()
+    for rec in records:
+        if not ledger.done[rec["unit"]] and (unit := tally.add(rec)) is not None:
+            ledger.add(unit.unit, unit.rows, unit.errors)
+    return (time.perf_counter() - start) / plan.total * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -127,15 +151,28 @@ def main() -> None:
         "--resume-max-units", type=int, default=None, help="skip the kill/resume above this"
     )
     parser.add_argument("--workdir", default=None)
+    parser.add_argument(
+        "--wave-units",
+        type=int,
+        default=0,
+        help="units per Ray Data wave (default: the engine's, 2,048 to 32,768); "
+        "a smaller wave scales the 100,000-unit case down to what a small machine runs",
+    )
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_scale_")
     template = make_table(os.path.join(workdir, "template.lance"), args.rows, args.fragments)
     env = {**os.environ, IO_LOG_ENV: os.path.join(workdir, "io.log")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.pop("RAY_ADDRESS", None)
-    os.environ[IO_LOG_ENV] = env[IO_LOG_ENV]  # Ray workers inherit it from the head
+    env["BENCH_WAVE_UNITS"] = str(args.wave_units)
+    env["RAY_AUTH_MODE"] = "disabled"  # loopback Ray: the job drivers attach without a token
+    os.environ.update(RAY_AUTH_MODE="disabled", **{IO_LOG_ENV: env[IO_LOG_ENV]})
     counts = [int(u) for u in args.units.split(",")]
-    print(f"table: {args.rows} rows in {args.fragments} fragments; units {counts}")
+    print(f"driver bookkeeping: {bookkeeping_us_per_unit():.1f} us per finished unit")
+    print(
+        f"table: {args.rows} rows in {args.fragments} fragments; units {counts}; "
+        f"wave {args.wave_units or 'engine default'}"
+    )
     for executor in args.executors.split(","):
         run_env = dict(env)
         if executor == "ray":
@@ -175,6 +212,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
-        child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
     else:
         main()

@@ -361,9 +361,12 @@ class JobCheckpoint:
             fs, path = filesystem(uri, self.storage_options)
 
             def write(fs=fs, path=path) -> None:
-                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-                with fs.open_output_stream(path):
-                    pass
+                try:
+                    stream = fs.open_output_stream(path)
+                except FileNotFoundError:  # the first summary on local disk
+                    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                    stream = fs.open_output_stream(path)
+                stream.close()
 
             with_retries("write", uri, write)
             count_io("checkpoint_writes")
