@@ -28,6 +28,7 @@ from lance.fragment import DataFile
 
 from laion_ray.backfill import backfill
 from laion_ray.engine import checkpoint as ckpt
+from laion_ray.engine import commit as commit_module
 from laion_ray.engine import run as engine_run
 from laion_ray.engine.commit import (
     UDF_METADATA,
@@ -362,7 +363,7 @@ def test_concurrent_append_and_add_column_survive_backfill(tmp_path, ray_session
     assert "other_col" in table.column_names and table.num_rows == 500
 
 
-def _prepare_column_files(uri: str) -> tuple[lance.LanceDataset, dict[int, str], dict]:
+def _prepare_column_files(uri: str) -> tuple[lance.LanceDataset, dict[int, ColumnFile], dict]:
     """Add column ``twice`` and write its files (``key * 2``) against the current version."""
     field = pa.field("twice", pa.int64(), metadata={UDF_METADATA: b"test"})
     add_columns(uri, [field], job="test", details={})
@@ -422,6 +423,61 @@ def test_commit_retry_rebuilds_instead_of_resending_a_stale_schema(tmp_path):
     commit(uri, build, job="test", details={})
     assert seen == [seen[0], seen[0] + 1], "the first attempt should conflict and be rebuilt"
     _assert_all_survive(uri, appended=0)
+
+
+def _write_twice(uri: str, fragment_id: int, values: pa.Array) -> ColumnFile:
+    """A column file of ``twice`` for one fragment, based on the newest version's files."""
+    field = lance.dataset(uri).schema.field("twice")
+    name = f"twice-{fragment_id}-{os.urandom(4).hex()}.lance"
+    writer = LanceFileWriter(f"{uri}/data/{name}", pa.schema([field]))
+    writer.write_batch(pa.table({"twice": values}, schema=pa.schema([field])))
+    writer.close()
+    latest = lance.dataset(uri)
+    return ColumnFile(
+        name, column_files(latest.get_fragment(fragment_id), field_ids(latest, ["twice"]))
+    )
+
+
+def test_a_commit_that_loses_the_race_re_assembles_only_the_fragments_that_changed(
+    tmp_path, monkeypatch
+):
+    """B commits fragment 0's column after A derived its commit: Lance's conflict, then our check."""
+    uri = str(tmp_path / "d.lance")
+    write_sample(uri, rows=300, fragments=3, seed=7)
+    _, files, planned = _prepare_column_files(uri)  # A: key * 2 for every row of each fragment
+    real_check = commit_module.check_unchanged
+    raced: list[int] = []
+
+    def b_commits_meanwhile(latest, fragment_id, physical_rows):
+        if not raced:  # inside A's first derivation, after it opened `latest`
+            raced.append(latest.version)
+            b_file = _write_twice(uri, 0, pa.array([-1] * 100, pa.int64()))
+            replace_column_files(uri, {0: b_file}, planned, job="B", details={})
+        return real_check(latest, fragment_id, physical_rows)
+
+    reassembled: list[list[int]] = []
+
+    def reassemble(fragment_ids):  # A computed even keys only; odd rows keep current values
+        reassembled.append(list(fragment_ids))
+        fresh = {}
+        for fid in fragment_ids:
+            current = lance.dataset(uri).get_fragment(fid).to_table(columns=["key", "twice"])
+            even = pc.equal(pc.bit_wise_and(current["key"], 1), 0)
+            values = pc.if_else(even, pc.multiply(current["key"], 2), current["twice"])
+            fresh[fid] = _write_twice(uri, fid, values)
+        return fresh
+
+    monkeypatch.setattr(commit_module, "check_unchanged", b_commits_meanwhile)
+    replace_column_files(uri, files, planned, job="A", details={}, reassemble=reassemble)
+    assert reassembled == [[0]], "only the fragment B changed is re-assembled"
+    table = _sorted_table(uri)
+    keys, twice = table["key"].to_pylist(), table["twice"].to_pylist()
+    frag0 = set(lance.dataset(uri).get_fragment(0).to_table(columns=["key"])["key"].to_pylist())
+    assert twice == [2 * k if k not in frag0 or k % 2 == 0 else -1 for k in keys]
+    ops = [
+        (e["job"], e["version"]) for e in job_history(uri) if e["operation"] == "DataReplacement"
+    ]
+    assert [job for job, _ in ops] == ["B", "A"] and ops[0][1] == raced[0] + 1
 
 
 def _stamp(uri: str, job: int, executor: str = "local", **options) -> object:
