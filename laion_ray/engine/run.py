@@ -24,8 +24,14 @@ import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laion_ray.error_log import checkpoint_root, failed_keys_by_fragment, record_errors
-from laion_ray.errors import LaionRayError
+from laion_ray.error_log import (
+    checkpoint_root,
+    describe_errors,
+    failed_keys_by_fragment,
+    read_part_errors,
+    record_errors,
+)
+from laion_ray.errors import LaionRayError, SystemicError
 from laion_ray.ray_env import ray_attached
 from laion_ray.storage import filesystem, open_dataset
 from laion_ray.udf import TASK_CPUS
@@ -44,7 +50,7 @@ from .plan import (
     split_units,
 )
 from .progress import Progress
-from .stages import MAX_RETRIES
+from .stages import CANARY_ROWS, MAX_RETRIES, WHAT_TO_DO
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,10 @@ MIN_ROWS_FOR_ERROR_GATE = 1000
 COMMIT_EVERY_S = 300.0
 LEDGER_FLUSH_S = 2.0
 KEY = "key"
+# Failed rows read back from checkpoint parts to show what the gate saw; the
+# driver remembers at most this many parts with errors, so it stays O(1).
+EVIDENCE_PARTS = 256
+EVIDENCE_ROWS = 10_000
 
 
 @dataclasses.dataclass
@@ -312,6 +322,12 @@ class _Run:
         self.errors_before = sum(u.errors for u in self.done.values())
         self.columns_ready = False
         self.started = time.monotonic()
+        # Parts whose every row failed are held out of the ledger until the run
+        # is known not to have failed systemically, so a rerun recomputes them.
+        self.held: list[pa.Table] = []
+        self.error_parts = [p for u in self.done.values() if u.errors for p in u.paths]
+        self.error_parts = self.error_parts[:EVIDENCE_PARTS]
+        self.canary_settled = False
 
     def execute(self, retry_errors: bool, commit_every_s: float, address) -> JobReport:
         self.retry_errors = retry_errors
@@ -334,6 +350,7 @@ class _Run:
         for unit in todo:
             self.done.setdefault(unit.index, ckpt.FinishedUnit(unit.index, [], 0, 0))
         self._check_errors(final=True)
+        self._flush_held()
         self._commit_ready(address)
         self.report.elapsed_s = time.monotonic() - self.started
         self.report.version = open_dataset(
@@ -386,6 +403,9 @@ class _Run:
             override_num_blocks=len(todo),  # one block per unit: no re-splitting
             ray_remote_args={"max_retries": MAX_RETRIES},
         )
+        # A stage's own error (SystemicError naming the stage), not Ray Data's
+        # UserCodeException, whose pickled form loses the cause.
+        read.context.raise_original_map_exception = True
         data = self.job.transform(read).map_batches(
             ckpt.write_parts,
             fn_kwargs=self._part_args(),
@@ -431,9 +451,10 @@ class _Run:
         in_run: dict[tuple[int, str], list[dict]] = defaultdict(list)
         pending: list[pa.Table] = []
         last_flush = last_commit = time.monotonic()
+        stream = iter(records_stream)
         try:
-            for records in records_stream:
-                pending.append(records)
+            for records in stream:
+                pending.append(self._hold_failed(records))
                 finished_now = 0
                 for rec in records.to_pylist():
                     self.report.rows_processed += rec["rows"]
@@ -457,19 +478,71 @@ class _Run:
                 if now - last_commit >= commit_every_s:
                     self._commit_ready(address)
                     last_commit = time.monotonic()
+        except Exception as exc:
+            cause = _root_failure(exc, self.job.name)
+            if cause is exc:
+                raise
+            raise cause from exc
         finally:
+            # Stops Ray Data's executor now, not when the iterator is collected.
+            getattr(stream, "close", lambda: None)()
             if pending:
                 self.checkpoint.append(pa.concat_tables(pending))
             progress.close()
         log.info("%s", progress.line())
 
+    # --- failures: evidence, the canary, held parts ------------------------
+    def _hold_failed(self, records: pa.Table) -> pa.Table:
+        """Keep parts whose every row failed out of the ledger for now; note
+        parts with errors as evidence. Returns the records to flush."""
+        failed = records.filter(pc.greater(records["errors"], 0))
+        room = EVIDENCE_PARTS - len(self.error_parts)
+        self.error_parts.extend(failed["path"].to_pylist()[: max(room, 0)])
+        all_failed = pc.equal(records["errors"], records["rows"])
+        if not pc.any(all_failed).as_py():
+            return records
+        self.held.append(records.filter(all_failed))
+        return records.filter(pc.invert(all_failed))
+
+    def _flush_held(self) -> None:
+        if self.held:
+            self.checkpoint.append(pa.concat_tables(self.held))
+            self.held = []
+
+    def _evidence(self) -> pa.Table:
+        return read_part_errors(self.error_parts, self.storage_options, limit=EVIDENCE_ROWS)
+
+    def _canary(self, rows: int, errors: int, *, final: bool) -> None:
+        """Stop the job when every row so far failed with one error type.
+
+        Stages check this per block; here it covers many small blocks.
+        """
+        if self.canary_settled or not rows or (not final and rows < CANARY_ROWS):
+            return
+        self.canary_settled = True  # settled either way: it is read once
+        if errors < rows:
+            return
+        evidence = self._evidence()
+        kinds = set(evidence["error_type"].to_pylist())
+        if len(kinds) == 1:
+            first = evidence.slice(0, 1).to_pylist()[0]
+            raise SystemicError(
+                f"{first['udf']}: every row failed with {first['error_type']}: "
+                f"{first['message'][:200]} — this looks like an environment or UDF problem, "
+                f"not bad data; {WHAT_TO_DO}"
+            )
+
     def _check_errors(self, *, final: bool) -> None:
         rows = self.report.rows_processed + self.report.rows_resumed
         errors = self.report.rows_failed + self.errors_before
+        self._canary(rows, errors, final=final)
         if rows and (final or rows >= MIN_ROWS_FOR_ERROR_GATE) and errors / rows > self.max_errors:
+            self._flush_held()  # bad data, not a broken stage: keep the finished work
+            evidence = describe_errors(self._evidence(), failed=errors)
             raise LaionRayError(
                 f"{errors} of {rows} rows failed ({errors / rows:.1%}), above "
-                f"--max-error-fraction {self.max_errors}; nothing more was committed. "
+                f"--max-error-fraction {self.max_errors}; nothing more was committed; "
+                f"{evidence}. `laion-ray errors {self.job.uri}` lists them. "
                 "Finished work is checkpointed: fix the input or raise the limit and rerun"
             )
 
@@ -564,3 +637,32 @@ class _Run:
         if failure is not None:
             raise failure
         return results
+
+
+def _is_ray_wrapper(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] == "ray"
+
+
+def _root_failure(exc: BaseException, job: str) -> BaseException:
+    """The exception to report for a failed stream, without Ray's wrappers.
+
+    A stage's own ``SystemicError`` or ``LaionRayError`` (raised in a worker,
+    wrapped in ``RayTaskError``) is raised with its original message, without
+    the retry notes Ray Data appends; anything else (a worker that kept dying) becomes a
+    ``SystemicError`` naming the job and the innermost cause.
+    """
+    chain, seen, current = [], set(), exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    for cause in chain:
+        if isinstance(cause, (SystemicError, LaionRayError)) and not _is_ray_wrapper(cause):
+            return cause if cause is exc else type(cause)(str(cause).splitlines()[0])
+    own = [c for c in chain if not _is_ray_wrapper(c)]
+    root = own[-1] if own else chain[-1]
+    text = str(root).strip().splitlines()
+    return SystemicError(
+        f"{job}: {type(root).__name__}: {text[0] if text else ''} — the stage failed after "
+        f"its retries; {WHAT_TO_DO}"
+    )
