@@ -37,6 +37,8 @@ _EXPORTS = {
     "UDF": "laion_ray.udf",
     "register": "laion_ray.udf",
     "LaionRayError": "laion_ray.errors",
+    "RowError": "laion_ray.errors",
+    "SystemicError": "laion_ray.errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -214,7 +214,7 @@ def describe_errors(errors: pa.Table, *, failed: int, top: int = 3) -> str:
         return "no failed rows found in the checkpoint"
     counts = Counter(errors["error_type"].to_pylist())
     examples: dict[str, str] = {}
-    for row in errors.select(["key", "fragment_id", "row_offset", "udf", "error_type", "message"]).to_pylist():
+    for row in errors.to_pylist():
         if row["error_type"] not in examples:
             where = (
                 f"key {row['key']}"

@@ -232,3 +232,14 @@ class FailsToLoad:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.table({"loaded": batch["key"]})
+
+
+@udf(
+    inputs=["key"],
+    outputs=pa.schema([("never", pa.int64())]),
+    name="die-always",
+    batch_size=64,
+)
+def die_always(batch: pa.Table) -> pa.Table:
+    """Kills its worker on every attempt: Ray's retries cannot help."""
+    os._exit(1)

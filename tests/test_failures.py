@@ -343,12 +343,12 @@ def test_out_of_memory_batches_are_retried_smaller(dataset, tmp_path, executor):
     sizes = [len(call) for call in _calls(log)]
     assert max(sizes) == 64 and sum(s for s in sizes if s <= 8) == ROWS  # every row, once
     root = checkpoint_root(dataset)
-    assert list_errors(root).num_rows == 0 and failed_keys_by_fragment(root, ["memory-hungry"]) == {}
+    assert (
+        list_errors(root).num_rows == 0 and failed_keys_by_fragment(root, ["memory-hungry"]) == {}
+    )
 
 
-def test_row_errors_are_null_and_listed_and_every_other_row_is_correct(
-    dataset, executor, capsys
-):
+def test_row_errors_are_null_and_listed_and_every_other_row_is_correct(dataset, executor, capsys):
     report = backfill(dataset, udfs=[bad_keys], max_error_fraction=0.05, executor=executor)
     bad = {k for k in range(ROWS) if is_bad_key(k, 1)}
     assert report.rows_failed == len(bad) == 10
@@ -401,3 +401,24 @@ def test_error_gate_shows_its_evidence_and_errors_are_listed_before_any_commit(
     assert report.rows_resumed + report.rows_processed == ROWS
     values = _column(dataset, "checked")
     assert pc.sum(pa.array([v is None for v in values.values()])).as_py() == len(bad)
+
+
+def test_a_model_that_fails_to_load_stops_the_job_on_ray(dataset, ray_session, capsys):
+    version = lance.dataset(dataset).version
+    assert main(["backfill", dataset, "--udf", "helpers:FailsToLoad", "--executor", "ray"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("laion-ray:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("laion-ray: failed: fails-to-load: FileNotFoundError")
+    assert "missing.pt" in lines[0]
+    assert lance.dataset(dataset).version == version
+    assert list_errors(checkpoint_root(dataset)).num_rows == 0
+
+
+def test_a_worker_that_keeps_dying_ends_the_job_with_the_root_cause(dataset, ray_session, capsys):
+    assert main(["backfill", dataset, "--udf", "helpers:die_always", "--executor", "ray"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("laion-ray:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("laion-ray: failed: backfill:helpers:die_always: ")
+    assert "WorkerCrashedError" in lines[0] and "after Ray's retries" in lines[0]

@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import sys
 import time
 import uuid
 import warnings
@@ -643,13 +645,28 @@ def _is_ray_wrapper(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] == "ray"
 
 
+# "laion_ray.errors.SystemicError: <message>" in a remote traceback's text.
+_REMOTE_ERROR = re.compile(r"^(laion_ray(?:\.\w+)*)\.(\w+): (.+)$", re.MULTILINE)
+
+
+def _from_text(text: str) -> BaseException | None:
+    """Our own error, rebuilt from a Ray error that kept only its text (an
+    actor that failed in ``__init__`` surfaces as ``ActorDiedError``)."""
+    for module, name, message in _REMOTE_ERROR.findall(text):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, (SystemicError, LaionRayError)):
+            return cls(message)
+    return None
+
+
 def _root_failure(exc: BaseException, job: str) -> BaseException:
     """The exception to report for a failed stream, without Ray's wrappers.
 
     A stage's own ``SystemicError`` or ``LaionRayError`` (raised in a worker,
     wrapped in ``RayTaskError``) is raised with its original message, without
-    the retry notes Ray Data appends; anything else (a worker that kept dying) becomes a
-    ``SystemicError`` naming the job and the innermost cause.
+    the retry notes Ray Data appends. Any other failure from Ray (a worker that
+    kept dying) becomes a ``SystemicError`` naming the job and the innermost
+    cause. Exceptions that did not come through Ray are returned as they are.
     """
     chain, seen, current = [], set(), exc
     while current is not None and id(current) not in seen:
@@ -658,11 +675,17 @@ def _root_failure(exc: BaseException, job: str) -> BaseException:
         current = getattr(current, "cause", None) or current.__cause__ or current.__context__
     for cause in chain:
         if isinstance(cause, (SystemicError, LaionRayError)) and not _is_ray_wrapper(cause):
-            return cause if cause is exc else type(cause)(str(cause).splitlines()[0])
+            first_line = (str(cause).splitlines() or [""])[0]
+            return cause if cause is exc else type(cause)(first_line)
+    if not any(_is_ray_wrapper(c) for c in chain):
+        return exc
+    for cause in chain:
+        if (own_error := _from_text(str(cause))) is not None:
+            return own_error
     own = [c for c in chain if not _is_ray_wrapper(c)]
-    root = own[-1] if own else chain[-1]
+    root = own[-1] if own else next((c for c in chain if str(c).strip()), chain[0])
     text = str(root).strip().splitlines()
     return SystemicError(
-        f"{job}: {type(root).__name__}: {text[0] if text else ''} — the stage failed after "
-        f"its retries; {WHAT_TO_DO}"
+        f"{job}: {type(root).__name__}: {text[0] if text else ''} — failed after Ray's "
+        f"retries; {WHAT_TO_DO}"
     )
