@@ -185,22 +185,26 @@ def uncommitted_errors(
         checkpoint = JobCheckpoint(root, info.base_name, opts)
         manifest = checkpoint.load_manifest() or {}
         records = checkpoint.records()
-        paths = dict.fromkeys(records.filter(pc.greater(records["errors"], 0))["path"].to_pylist())
-        errors = read_part_errors(paths, opts)
-        keep = pc.invert(pc.is_in(errors["fragment_id"], pa.array(manifest.get("committed", []))))
-        if udf:
-            keep = pc.and_(keep, pc.equal(errors["udf"], udf))
-        errors = errors.filter(keep)
-        if limit is not None:
-            errors = errors.slice(0, limit - found)
-        n = errors.num_rows
-        errors = (
-            errors.append_column("job", pa.array([checkpoint.fingerprint] * n, pa.string()))
-            .append_column("created_at", pa.nulls(n, LISTED_SCHEMA.field("created_at").type))
-            .append_column("committed", pa.array([False] * n, pa.bool_()))
-        )
-        tables.append(errors.cast(LISTED_SCHEMA))
-        found += n
+        committed = pa.array(manifest.get("committed", []), pa.int64())
+        with_errors = records.filter(pc.greater(records["errors"], 0))["path"].to_pylist()
+        for path in dict.fromkeys(with_errors):  # a retried flush may record a part twice
+            if limit is not None and found >= limit:
+                break
+            errors = read_part_errors([path], opts)
+            keep = pc.invert(pc.is_in(errors["fragment_id"], committed))
+            if udf:
+                keep = pc.and_(keep, pc.equal(errors["udf"], udf))
+            errors = errors.filter(keep)
+            if limit is not None:
+                errors = errors.slice(0, limit - found)
+            n = errors.num_rows
+            errors = (
+                errors.append_column("job", pa.array([checkpoint.fingerprint] * n, pa.string()))
+                .append_column("created_at", pa.nulls(n, LISTED_SCHEMA.field("created_at").type))
+                .append_column("committed", pa.array([False] * n, pa.bool_()))
+            )
+            tables.append(errors.cast(LISTED_SCHEMA))
+            found += n
     return pa.concat_tables([LISTED_SCHEMA.empty_table(), *tables])
 
 

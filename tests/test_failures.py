@@ -117,6 +117,21 @@ def test_systemic_types_are_never_row_errors_whatever_the_udf_declares():
     assert resolve("aspect-ratio")[0].row_errors == ()
 
 
+def test_an_extreme_banner_is_a_bad_image_not_an_out_of_memory_job():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from laion_ray.preprocess import PixelSpec, preprocess_image
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((1, 300, 3), np.uint8)).save(png, "PNG")
+    # It would resize to 224 x 67200 pixels; refused as one bad row instead.
+    with pytest.raises(ImageDecodeError, match="aspect ratio limit"):
+        preprocess_image(png.getvalue(), PixelSpec())
+
+
 def test_undeclared_exception_stops_the_stage_with_its_cause():
     def one_bad_row(batch):
         if 3 in batch["key"].to_pylist():
