@@ -205,12 +205,12 @@ def is_bad_key(key: int, percent: int) -> bool:
     batch_size=64,
     row_errors=(RowError, ValueError),
 )
-def bad_keys(batch: pa.Table, percent: int = 1) -> pa.Table:
-    """Row errors on ``percent`` % of keys: ``ValueError`` when ``key % 3 == 2``,
-    else ``BadKeyError``; ``checked = key + 7`` elsewhere."""
+def bad_keys(batch: pa.Table, percent: int = 1, mixed: bool = True) -> pa.Table:
+    """Row errors on ``percent`` % of keys: ``ValueError`` when ``key % 3 == 2``
+    and ``mixed``, else ``BadKeyError``; ``checked = key + 7`` elsewhere."""
     for key in batch["key"].to_pylist():
         if is_bad_key(key, percent):
-            if key % 3 == 2:
+            if mixed and key % 3 == 2:
                 raise ValueError(f"key {key} is not valid")
             raise BadKeyError(f"key {key} is bad")
     return pa.table({"checked": pc.add(batch["key"], 7)})

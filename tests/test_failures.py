@@ -321,6 +321,18 @@ def test_cleanly_finished_units_are_reused_after_a_systemic_failure(dataset, tmp
     assert _column(dataset, "plugin_value") == {k: 5 * k for k in range(ROWS)}
 
 
+def test_retrying_known_bad_rows_that_fail_alike_again_is_not_the_canary(dataset):
+    same = bad_keys.with_options(params={"percent": 10, "mixed": False})
+    first = backfill(dataset, udfs=[same], max_error_fraction=0.2, executor="local")
+    assert first.rows_failed == ROWS // 10 >= CANARY_ROWS
+    # Only the 100 known-bad rows are read, and all fail with BadKeyError again.
+    again = backfill(
+        dataset, udfs=[same], retry_errors=True, max_error_fraction=1, executor="local"
+    )
+    assert again.rows_processed == again.rows_failed == ROWS // 10
+    assert len(list_errors(checkpoint_root(dataset), limit=1000)) == ROWS // 10
+
+
 def test_worker_traceback_at_verbose(dataset, tmp_path, executor):
     args, _, _ = _args(dataset, "type-error", tmp_path)
     if executor == "local":  # a fresh CLI process, so -v sets up logging as a user gets it

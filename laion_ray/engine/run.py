@@ -514,12 +514,14 @@ class _Run:
     def _evidence(self) -> pa.Table:
         return read_part_errors(self.error_parts, self.storage_options, limit=EVIDENCE_ROWS)
 
-    def _canary(self, rows: int, errors: int, *, final: bool) -> None:
-        """Stop the job when every row so far failed with one error type.
+    def _canary(self, rows: int, errors: int) -> None:
+        """Stop the job when every row so far (at least ``CANARY_ROWS``) failed
+        with one error type.
 
-        Stages check this per block; here it covers many small blocks.
+        Stages check this per block; here it covers many small blocks. Not when
+        rows that failed before are retried: they may fail alike again.
         """
-        if self.canary_settled or not rows or (not final and rows < CANARY_ROWS):
+        if self.canary_settled or self.retry_errors or rows < CANARY_ROWS:
             return
         self.canary_settled = True  # settled either way: it is read once
         if errors < rows:
@@ -537,7 +539,7 @@ class _Run:
     def _check_errors(self, *, final: bool) -> None:
         rows = self.report.rows_processed + self.report.rows_resumed
         errors = self.report.rows_failed + self.errors_before
-        self._canary(rows, errors, final=final)
+        self._canary(rows, errors)
         if rows and (final or rows >= MIN_ROWS_FOR_ERROR_GATE) and errors / rows > self.max_errors:
             self._flush_held()  # bad data, not a broken stage: keep the finished work
             evidence = describe_errors(self._evidence(), failed=errors)

@@ -134,8 +134,9 @@ class StageGuard:
     """What one stage met so far in a block or an actor: the canary's counts and
     the batch size that fits in memory."""
 
-    def __init__(self, stage: UDF):
+    def __init__(self, stage: UDF, *, canary: bool = True):
         self.stage = stage
+        self.canary = canary
         self.ok_rows = 0
         self.failed_rows = 0
         self.first_error: BaseException | None = None
@@ -152,7 +153,7 @@ class StageGuard:
             self.first_error = exc
         elif type(exc) is not type(self.first_error):
             self.one_type = False
-        if not self.ok_rows and self.one_type and self.failed_rows >= CANARY_ROWS:
+        if self.canary and not self.ok_rows and self.one_type and self.failed_rows >= CANARY_ROWS:
             raise SystemicError(
                 f"{self.stage.name}: every row failed with {_one_line(self.first_error)} — "
                 f"this looks like an environment or UDF problem, not bad data; {WHAT_TO_DO}"
@@ -279,9 +280,9 @@ def _error_messages(rows: int, todo: np.ndarray, failures: list[tuple[int, str]]
 class ActorStage:
     """Ray Data actor wrapper: the UDF's class is built once per actor."""
 
-    def __init__(self, stage: UDF, upstream: set[str], keep: Sequence[str]):
+    def __init__(self, stage: UDF, upstream: set[str], keep: Sequence[str], *, canary: bool = True):
         self.stage, self.upstream, self.keep = stage, upstream, list(keep)
-        self.guard = StageGuard(stage)
+        self.guard = StageGuard(stage, canary=canary)
         try:
             self.fn = stage.instantiate()
         except LaionRayError:
@@ -295,7 +296,12 @@ class ActorStage:
         )
 
 
-def task_stages(batch: pa.Table, steps: Sequence[tuple[UDF, set[str], Sequence[str]]]) -> pa.Table:
+def task_stages(
+    batch: pa.Table,
+    steps: Sequence[tuple[UDF, set[str], Sequence[str]]],
+    *,
+    canary: bool = True,
+) -> pa.Table:
     """Ray Data task wrapper: consecutive function UDFs run in one task per block.
 
     A whole block (one work unit) comes in, so the read, these stages and the
@@ -306,7 +312,7 @@ def task_stages(batch: pa.Table, steps: Sequence[tuple[UDF, set[str], Sequence[s
         batch = pa.Table.from_batches([batch])
     for stage, upstream, keep in steps:
         fn = stage.instantiate()
-        guard = StageGuard(stage)  # the canary and the memory cap span the block
+        guard = StageGuard(stage, canary=canary)  # the canary and memory cap span the block
         size = max(stage.batch_size, 1)
         slices = [batch.slice(i, size) for i in range(0, max(batch.num_rows, 1), size)]
         batch = pa.concat_tables(
