@@ -88,11 +88,13 @@ def _steps(stages: Sequence[UDF]) -> list[tuple[UDF, set[str], list[str]]]:
     return steps
 
 
-def _stage_pipeline(stages: Sequence[UDF]):
+def _stage_pipeline(stages: Sequence[UDF], *, canary: bool = True):
     """The job's transform: function UDFs run as tasks, class UDFs as actor pools.
 
     Consecutive function stages with the same resources share one task per
     block; each stage keeps only the columns later stages still need.
+    ``canary=False`` when rows that failed before are retried: they may all
+    fail alike again, as bad data.
     """
 
     def transform(data):
@@ -105,7 +107,7 @@ def _stage_pipeline(stages: Sequence[UDF]):
                 first = group[0][0]
                 data = data.map_batches(
                     task_stages,
-                    fn_kwargs=dict(steps=list(group)),
+                    fn_kwargs=dict(steps=list(group), canary=canary),
                     batch_size=None,
                     batch_format="pyarrow",
                     num_cpus=first.num_cpus,
@@ -120,7 +122,9 @@ def _stage_pipeline(stages: Sequence[UDF]):
                 data = flush(data)
                 data = data.map_batches(
                     ActorStage,
-                    fn_constructor_kwargs=dict(stage=stage, upstream=upstream, keep=keep),
+                    fn_constructor_kwargs=dict(
+                        stage=stage, upstream=upstream, keep=keep, canary=canary
+                    ),
                     batch_size=stage.batch_size,
                     batch_format="pyarrow",
                     num_cpus=stage.num_cpus,
@@ -139,14 +143,14 @@ def _stage_pipeline(stages: Sequence[UDF]):
     return transform
 
 
-def _local_transform(stages: Sequence[UDF]):
+def _local_transform(stages: Sequence[UDF], *, canary: bool = True):
     """The same stages in this process, when none needs an actor or a GPU."""
     if any(s.is_actor or s.num_gpus for s in stages):
         return None
     from laion_ray.engine.stages import task_stages
 
     steps = _steps(stages)
-    return lambda table: task_stages(table, steps)
+    return lambda table: task_stages(table, steps, canary=canary)
 
 
 def backfill(
@@ -218,8 +222,8 @@ def backfill(
         read_columns=read_columns,
         outputs=_output_schema(stages),
         producers=[s.name for s in stages],
-        transform=_stage_pipeline(stages),
-        local_transform=_local_transform(stages),
+        transform=_stage_pipeline(stages, canary=not retry_errors),
+        local_transform=_local_transform(stages, canary=not retry_errors),
         where=where,
         overwrite=overwrite,
         details={"udfs": [s.key for s in stages]},

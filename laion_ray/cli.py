@@ -377,7 +377,8 @@ def _errors(args: argparse.Namespace) -> None:
     if not rows:
         print("no errors recorded")
     for r in rows:
-        print(f"key={r['key']}  {r['udf']}  {r['error_type']}: {r['message']}")
+        pending = "" if r["committed"] else f"  (uncommitted run {r['job']})"
+        print(f"key={r['key']}  {r['udf']}  {r['error_type']}: {r['message']}{pending}")
 
 
 @command(

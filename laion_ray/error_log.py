@@ -1,21 +1,29 @@
 """The errors table: rows a UDF could not process, next to the dataset.
 
 Stored as a Lance dataset at ``<checkpoint root>/errors.lance`` so it lives in
-the same store as the data, and is listed by ``laion-ray errors URI``.
+the same store as the data, and is listed by ``laion-ray errors URI``. A row
+lands there when its fragment is committed; only those rows are known-bad (left
+alone by incremental reruns). Rows that failed in a run that has not committed
+them yet (stopped by the error gate, say) are read from that job's checkpoint
+parts and listed too, marked ``committed = false``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 
 import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
-from laion_ray.storage import join_uri, resolve_storage_options
+from laion_ray.engine.checkpoint import JobCheckpoint, read_part
+from laion_ray.engine.plan import ERROR_PREFIX, ROWADDR
+from laion_ray.storage import filesystem, join_uri, resolve_storage_options
 
 # What a failed row records; the log adds the job and the time.
 ERROR_SCHEMA = pa.schema(
@@ -31,6 +39,8 @@ ERROR_SCHEMA = pa.schema(
 ERROR_LOG_SCHEMA = ERROR_SCHEMA.append(pa.field("job", pa.string())).append(
     pa.field("created_at", pa.timestamp("us", tz="UTC"))
 )
+# What ``list_errors`` returns: false for rows of a run that has not committed them.
+LISTED_SCHEMA = ERROR_LOG_SCHEMA.append(pa.field("committed", pa.bool_()))
 
 
 def checkpoint_root(uri: str, checkpoint_uri: str | None = None) -> str:
@@ -89,10 +99,139 @@ def list_errors(
     limit: int | None = None,
     storage_options: Mapping[str, str] | None = None,
 ) -> pa.Table:
+    """Failed rows: committed ones (known-bad), then those of uncommitted runs.
+
+    Returns a table of :data:`LISTED_SCHEMA`, at most ``limit`` rows.
+    """
     ds = _open(root, storage_options)
-    if ds is None:
-        return ERROR_LOG_SCHEMA.empty_table()
-    return ds.to_table(filter=f"udf = {_quote([udf])}" if udf else None, limit=limit)
+    committed = (
+        ds.to_table(filter=f"udf = {_quote([udf])}" if udf else None, limit=limit)
+        if ds is not None
+        else ERROR_LOG_SCHEMA.empty_table()
+    )
+    committed = committed.append_column(
+        "committed", pa.array([True] * committed.num_rows, pa.bool_())
+    )
+    left = None if limit is None else limit - committed.num_rows
+    if left is not None and left <= 0:
+        return committed.cast(LISTED_SCHEMA)
+    pending = uncommitted_errors(root, udf=udf, limit=left, storage_options=storage_options)
+    return pa.concat_tables([committed.cast(LISTED_SCHEMA), pending])
+
+
+def part_errors(part: pa.Table) -> pa.Table:
+    """The failed rows of one checkpoint part (its ``_error:<udf>`` columns)."""
+    rows: list[dict] = []
+    for name in part.column_names:
+        if not name.startswith(ERROR_PREFIX) or part[name].null_count == part.num_rows:
+            continue
+        failed = part.filter(pc.is_valid(part[name]))
+        keys = failed["key"].to_pylist() if "key" in failed.column_names else [None] * len(failed)
+        addresses = failed[ROWADDR].to_numpy().astype(np.int64)
+        for key, address, message in zip(
+            keys, addresses.tolist(), failed[name].to_pylist(), strict=True
+        ):
+            error_type, _, text = message.partition(": ")
+            rows.append(
+                {
+                    "key": key,
+                    "fragment_id": address >> 32,
+                    "row_offset": address & 0xFFFFFFFF,
+                    "udf": name[len(ERROR_PREFIX) :],
+                    "error_type": error_type,
+                    "message": text,
+                }
+            )
+    return pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+
+
+def read_part_errors(
+    paths: Iterable[str], storage_options: Mapping[str, str] | None, *, limit: int | None = None
+) -> pa.Table:
+    """Failed rows of checkpoint parts, read in order until ``limit`` rows."""
+    opts = resolve_storage_options(storage_options)
+    tables, found = [], 0
+    for path in paths:
+        if limit is not None and found >= limit:
+            break
+        try:
+            table = part_errors(read_part(path, opts))
+        except FileNotFoundError:  # the job finished and removed its checkpoint meanwhile
+            continue
+        tables.append(table)
+        found += table.num_rows
+    table = pa.concat_tables([ERROR_SCHEMA.empty_table(), *tables])
+    return table if limit is None else table.slice(0, limit)
+
+
+def uncommitted_errors(
+    root: str,
+    *,
+    udf: str | None = None,
+    limit: int | None = None,
+    storage_options: Mapping[str, str] | None = None,
+) -> pa.Table:
+    """Failed rows that checkpoints hold but no commit has recorded yet.
+
+    Reads only parts whose name counts errors, in fragments the job has not
+    committed (those rows are in ``errors.lance`` already).
+    """
+    opts = resolve_storage_options(storage_options)
+    fs, jobs_path = filesystem(join_uri(root, "jobs"), opts)
+    infos = fs.get_file_info(pafs.FileSelector(jobs_path, allow_not_found=True))
+    tables, found = [], 0
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type != pafs.FileType.Directory or (limit is not None and found >= limit):
+            continue
+        checkpoint = JobCheckpoint(root, info.base_name, opts)
+        committed = checkpoint.committed()
+        with_errors = [
+            path
+            for fragment_id in checkpoint.fragments_with_parts()
+            if fragment_id not in committed
+            for path, rec in checkpoint.fragment_parts(fragment_id)
+            if rec["errors"] > 0
+        ]
+        for path in with_errors:
+            if limit is not None and found >= limit:
+                break
+            errors = read_part_errors([path], opts)
+            if udf:
+                errors = errors.filter(pc.equal(errors["udf"], udf))
+            if limit is not None:
+                errors = errors.slice(0, limit - found)
+            n = errors.num_rows
+            errors = (
+                errors.append_column("job", pa.array([checkpoint.fingerprint] * n, pa.string()))
+                .append_column("created_at", pa.nulls(n, LISTED_SCHEMA.field("created_at").type))
+                .append_column("committed", pa.array([False] * n, pa.bool_()))
+            )
+            tables.append(errors.cast(LISTED_SCHEMA))
+            found += n
+    return pa.concat_tables([LISTED_SCHEMA.empty_table(), *tables])
+
+
+def describe_errors(errors: pa.Table, *, failed: int, top: int = 3) -> str:
+    """The ``top`` most frequent error types with counts and one example each.
+
+    ``failed`` is the number of failed rows; when ``errors`` holds fewer (a
+    sample), the counts are said to be of the sample.
+    """
+    if not errors.num_rows:
+        return "no failed rows found in the checkpoint"
+    counts = Counter(errors["error_type"].to_pylist())
+    examples: dict[str, str] = {}
+    for row in errors.to_pylist():
+        if row["error_type"] not in examples:
+            where = (
+                f"key {row['key']}"
+                if row["key"] is not None
+                else f"fragment {row['fragment_id']} row {row['row_offset']}"
+            )
+            examples[row["error_type"]] = f"{where}: {row['udf']}: {row['message'][:200]}"
+    parts = [f"{kind} ×{n} (e.g. {examples[kind]})" for kind, n in counts.most_common(top)]
+    sample = "" if errors.num_rows >= failed else f" (in a sample of {errors.num_rows})"
+    return f"most frequent errors{sample}: " + "; ".join(parts)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,34 @@
-"""Errors that the CLI turns into a one-line message and exit code 2."""
+"""The error classes a user sees, and what each means for a job.
+
+- :class:`LaionRayError`: bad user input; the CLI prints one line, exit code 2.
+- :class:`RowError`: raised by a UDF for one bad row (a corrupt image): the row
+  gets null outputs and an error record, and the job goes on.
+- :class:`SystemicError`: a stage failed in a way that is not about one row (a
+  missing module, out of memory, a UDF bug): the job stops, nothing is
+  recorded against rows, and the CLI prints one line, exit code 1.
+"""
 
 
 class LaionRayError(Exception):
     """A problem with the user's input: a bad path, column, argument or data.
 
     The message must name the bad value; the CLI prints it without a traceback.
+    """
+
+
+class RowError(Exception):
+    """A row whose data a UDF cannot process: null outputs plus an error record.
+
+    Raise it (or a subclass) from a UDF that declares ``row_errors=(RowError,)``
+    to mark one row as bad; every other exception then stops the job.
+    """
+
+
+class SystemicError(Exception):
+    """A stage failed for every row or for a reason no row explains; the job stops.
+
+    The message names the stage and the root cause. The failed work is not
+    checkpointed, so rerunning the same command after the fix recomputes it.
     """
 
 

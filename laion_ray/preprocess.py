@@ -23,8 +23,9 @@ pure white noise the DCT-scaled decode differs most (cosine ~0.994). EXIF
 orientation is ignored, as open_clip ignores it.
 
 Every failure (empty, truncated or undecodable data, a decompression bomb)
-raises :class:`ImageDecodeError`: the engine isolates the bad row by bisection,
-so nothing here turns a bad image into a silent null.
+raises :class:`ImageDecodeError`, a :class:`~laion_ray.errors.RowError`: the
+engine isolates the bad row by bisection, so nothing here turns a bad image into
+a silent null, and nothing else (a missing cv2, out of memory) is a bad row.
 
 Examples:
     >>> spec = PixelSpec(size=(224, 224))
@@ -42,9 +43,14 @@ from typing import Any
 
 import numpy as np
 
+from laion_ray.errors import RowError
+
 # PIL's own default (Image.MAX_IMAGE_PIXELS): beyond it PIL warns, at twice it
 # raises. We refuse at the limit itself, from the header, before decoding.
 MAX_IMAGE_PIXELS = 89_478_485
+# A 1 x 50000 banner would resize to 224 x 11M pixels: out of memory, or an
+# OpenCV size error, for one bad row. Refused as a bad image instead.
+MAX_ASPECT_RATIO = 200
 
 # Shrinking by less than this after the (reduced-scale) decode uses a bilinear
 # resize: the residual factor is small (the DCT scales are 1/8 steps), so it
@@ -55,8 +61,8 @@ _AREA_FACTOR = 1.5
 _JPEG_MAGIC = b"\xff\xd8"
 
 
-class ImageDecodeError(ValueError):
-    """An image that cannot be decoded or is refused (corrupt, empty, bomb)."""
+class ImageDecodeError(RowError, ValueError):
+    """An image that cannot be decoded or is refused (corrupt, empty, bomb): a bad row."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +168,10 @@ def _check_pixels(height: int, width: int) -> None:
         raise ImageDecodeError(
             f"image of {width}x{height} pixels exceeds the {MAX_IMAGE_PIXELS} pixel limit "
             "(possible decompression bomb)"
+        )
+    if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+        raise ImageDecodeError(
+            f"image of {width}x{height} pixels exceeds the aspect ratio limit {MAX_ASPECT_RATIO}:1"
         )
 
 

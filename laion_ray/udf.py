@@ -52,6 +52,11 @@ class UDF:
             tasks from starving on small machines.
         batch_size: Rows per call.
         concurrency: Actor-pool size (``int`` or ``(min, max)``); tasks ignore it.
+        row_errors: Exception types that mark one bad row (null plus an error
+            record). Anything else stops the job, and some types always do:
+            see ``laion_ray.engine.stages.SYSTEMIC_ERRORS``. The default, any
+            ``Exception``, keeps user UDFs working; built-ins name their own
+            (e.g. ``ImageDecodeError``).
     """
 
     name: str
@@ -64,6 +69,7 @@ class UDF:
     num_gpus: float = 0.0
     batch_size: int = 4096
     concurrency: int | tuple[int, int] | None = None
+    row_errors: tuple[type[BaseException], ...] = (Exception,)
 
     @property
     def is_actor(self) -> bool:
@@ -108,6 +114,7 @@ def udf(
     num_gpus: float = 0.0,
     batch_size: int = 4096,
     concurrency: int | tuple[int, int] | None = None,
+    row_errors: Sequence[type[BaseException]] = (Exception,),
 ) -> Callable[[Callable[..., Any]], UDF]:
     """Declare a function or class as a :class:`UDF`."""
 
@@ -122,6 +129,7 @@ def udf(
             num_gpus=num_gpus,
             batch_size=batch_size,
             concurrency=concurrency,
+            row_errors=tuple(row_errors),
         )
 
     return wrap

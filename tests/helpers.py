@@ -6,13 +6,16 @@ import these by reference, exactly as they would a user's own UDF module.
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from laion_ray.errors import RowError
 from laion_ray.udf import udf
 
 
@@ -133,3 +136,114 @@ def held_ratio(
 def stamp(batch: pa.Table, job: int = 0) -> pa.Table:
     """``key * 10 + job``: which job last wrote a row, readable from its value."""
     return pa.table({"stamp": pc.add(pc.multiply(batch["key"], 10), job)})
+# --- failure classes (tests/test_failures.py) ---------------------------------
+
+
+def _log_call(log: str, batch: pa.Table) -> None:
+    """Append the keys of one call to ``log``: what a stage tried, and how often."""
+    if log:
+        with open(log, "a") as f:
+            f.write(" ".join(map(str, batch["key"].to_pylist())) + "\n")
+
+
+@udf(
+    inputs=["key"],
+    outputs=pa.schema([("plugin_value", pa.int64())]),
+    name="uses-module",
+    batch_size=64,
+)
+def uses_module(batch: pa.Table, module: str, path: str, log: str = "") -> pa.Table:
+    """``module.value(keys)``, with ``module`` looked up in the directory ``path``.
+
+    Fails with ``ModuleNotFoundError`` until the test writes the module there:
+    a dependency missing on the workers, then installed.
+    """
+    _log_call(log, batch)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    importlib.invalidate_caches()  # the directory may have changed since the last import
+    plugin = importlib.import_module(module)
+    return pa.table({"plugin_value": pa.array(plugin.value(batch["key"].to_numpy()), pa.int64())})
+
+
+@udf(
+    inputs=["key"],
+    outputs=pa.schema([("fixed_value", pa.int64())]),
+    name="buggy-until",
+    batch_size=64,
+)
+def buggy_until(batch: pa.Table, fix: str, log: str = "") -> pa.Table:
+    """A UDF bug, ``TypeError`` on every row, until the file ``fix`` exists."""
+    _log_call(log, batch)
+    offset = 1 if os.path.exists(fix) else None
+    step = offset + 1  # the bug: None + 1
+    return pa.table({"fixed_value": pc.add(batch["key"], step)})
+
+
+@udf(
+    inputs=["key"],
+    outputs=pa.schema([("tripled", pa.int64())]),
+    name="memory-hungry",
+    batch_size=64,
+)
+def memory_hungry(batch: pa.Table, max_rows: int = 8, log: str = "") -> pa.Table:
+    """Raises ``MemoryError`` for batches of more than ``max_rows`` rows."""
+    _log_call(log, batch)
+    if batch.num_rows > max_rows:
+        raise MemoryError(f"cannot hold {batch.num_rows} rows")
+    return pa.table({"tripled": pc.multiply(batch["key"], 3)})
+
+
+class BadKeyError(RowError):
+    """A row whose key the test declared bad."""
+
+
+def is_bad_key(key: int, percent: int) -> bool:
+    return key % 100 < percent
+
+
+@udf(
+    inputs=["key"],
+    outputs=pa.schema([("checked", pa.int64())]),
+    name="bad-keys",
+    batch_size=64,
+    row_errors=(RowError, ValueError),
+)
+def bad_keys(batch: pa.Table, percent: int = 1, mixed: bool = True) -> pa.Table:
+    """Row errors on ``percent`` % of keys: ``ValueError`` when ``key % 3 == 2``
+    and ``mixed``, else ``BadKeyError``; ``checked = key + 7`` elsewhere."""
+    for key in batch["key"].to_pylist():
+        if is_bad_key(key, percent):
+            if mixed and key % 3 == 2:
+                raise ValueError(f"key {key} is not valid")
+            raise BadKeyError(f"key {key} is bad")
+    return pa.table({"checked": pc.add(batch["key"], 7)})
+
+
+@udf(
+    inputs=["key"],
+    outputs=pa.schema([("loaded", pa.int64())]),
+    name="fails-to-load",
+    batch_size=64,
+    concurrency=1,
+)
+class FailsToLoad:
+    """A model UDF whose weights are missing: every actor fails in ``__init__``."""
+
+    def __init__(self, weights: str = "/models/missing.pt") -> None:
+        with open(weights, "rb"):
+            pass
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.table({"loaded": batch["key"]})
+
+
+@udf(
+    inputs=["key"],
+    outputs=pa.schema([("never", pa.int64())]),
+    name="die-always",
+    batch_size=64,
+)
+def die_always(batch: pa.Table) -> pa.Table:
+    """Kills its worker on every attempt: Ray's retries cannot help."""
+    os._exit(1)

@@ -19,13 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance.file import LanceFileWriter
 
-from laion_ray.error_log import ERROR_SCHEMA
+from laion_ray.error_log import ERROR_SCHEMA, part_errors
 from laion_ray.errors import LaionRayError, brief
 from laion_ray.storage import cached_dataset, join_uri, open_dataset, resolve_storage_options
 
 from .checkpoint import read_part
 from .commit import ColumnFile, check_unchanged, column_files, delete_data_file, field_ids
-from .plan import ERROR_PREFIX, ROWADDR, WorkUnit
+from .plan import ROWADDR, WorkUnit
 
 
 class MissingPart(LaionRayError):
@@ -92,29 +92,6 @@ def _scatter(target: pa.Array | pa.ChunkedArray, offsets: np.ndarray, values) ->
     ).take(pa.array(position))
 
 
-def _error_rows(part: pa.Table, fragment_id: int) -> list[dict]:
-    rows: list[dict] = []
-    for name in part.column_names:
-        if not name.startswith(ERROR_PREFIX) or part[name].null_count == part.num_rows:
-            continue
-        failed = part.filter(pc.is_valid(part[name]))
-        keys = failed["key"].to_pylist() if "key" in failed.column_names else [None] * len(failed)
-        offsets = (failed[ROWADDR].to_numpy() & 0xFFFFFFFF).tolist()
-        for key, offset, message in zip(keys, offsets, failed[name].to_pylist(), strict=True):
-            error_type, _, text = message.partition(": ")
-            rows.append(
-                {
-                    "key": key,
-                    "fragment_id": fragment_id,
-                    "row_offset": offset,
-                    "udf": name[len(ERROR_PREFIX) :],
-                    "error_type": error_type,
-                    "message": text,
-                }
-            )
-    return rows
-
-
 def assemble_fragment(
     uri: str,
     fragment_id: int,
@@ -148,7 +125,7 @@ def assemble_fragment(
     based_on = column_files(fragment, field_ids(ds, schema.names))
     file_name = f"{uuid.uuid4().hex}.lance"
     writer = LanceFileWriter(join_uri(uri, "data", file_name), schema, storage_options=opts)
-    errors: list[dict] = []
+    errors: list[pa.Table] = [ERROR_SCHEMA.empty_table()]
     for unit, paths in sorted(units, key=lambda u: u[0].start):
         current = _current_values(ds, unit, schema, existing)
         try:
@@ -169,9 +146,7 @@ def assemble_fragment(
                 {f.name: _scatter(current[f.name], offsets, part[f.name]) for f in schema},
                 schema=schema,
             )
-            errors.extend(_error_rows(part, fragment_id))
+            errors.append(part_errors(part))
         writer.write_batch(current)
     writer.close()
-    return AssembledFragment(
-        fragment_id, file_name, pa.Table.from_pylist(errors, schema=ERROR_SCHEMA), based_on
-    )
+    return AssembledFragment(fragment_id, file_name, pa.concat_tables(errors), based_on)

@@ -25,6 +25,7 @@ the finished units still uncommitted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import uuid
@@ -334,6 +335,15 @@ class JobCheckpoint:
             if (rec := parse_part_name(info.base_name)) is not None:
                 found.append((join_uri(parts_uri, info.base_name), rec))
         return found
+
+    def part_path(self, fragment_id: int, rec: Mapping[str, object]) -> str:
+        return join_uri(self._parts_uri, str(fragment_id), part_name(rec))
+
+    def delete_part(self, path: str) -> None:
+        """Drop one part: its unit is then not finished for any later run."""
+        fs, fs_path = filesystem(path, self.storage_options)
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(fs_path)
 
     def finished_units(self) -> dict[int, FinishedUnit]:
         """Finished units of the fragments not yet committed."""

@@ -15,6 +15,8 @@ import itertools
 import json
 import logging
 import os
+import re
+import sys
 import time
 import uuid
 import warnings
@@ -26,8 +28,14 @@ import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laion_ray.error_log import checkpoint_root, failed_keys_by_fragment, record_errors
-from laion_ray.errors import LaionRayError
+from laion_ray.error_log import (
+    checkpoint_root,
+    describe_errors,
+    failed_keys_by_fragment,
+    read_part_errors,
+    record_errors,
+)
+from laion_ray.errors import LaionRayError, SystemicError
 from laion_ray.ray_env import ray_attached
 from laion_ray.storage import filesystem, open_dataset
 from laion_ray.udf import TASK_CPUS
@@ -54,7 +62,7 @@ from .plan import (
     reads_binary,
 )
 from .progress import Progress
-from .stages import MAX_RETRIES
+from .stages import CANARY_ROWS, MAX_RETRIES, WHAT_TO_DO
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +79,12 @@ WAVE_MAX_UNITS = 32768
 
 class AccountingError(LaionRayError):
     """The rows a job computed for a fragment are not the rows it selects."""
+
+
+# Failed rows read back from checkpoint parts to show what the gate saw; the
+# driver remembers at most this many parts with errors, so it stays O(1).
+EVIDENCE_PARTS = 256
+EVIDENCE_ROWS = 10_000
 
 
 @dataclasses.dataclass
@@ -337,6 +351,7 @@ class _Run:
         self.storage_options = dict(storage_options or {})
         self.max_errors = max_errors
         self.plan = UnitPlan(ckpt.states_from_json(manifest["fragments"]), manifest["unit_rows"])
+        self.error_parts: list[str] = []  # parts with failed rows: the gate's evidence
         self.states = {s.fragment_id: s for s in self.plan.states}
         self.ledger = ckpt.UnitLedger(self.plan)
         self.committed: set[int] = set()
@@ -356,6 +371,10 @@ class _Run:
         self.columns_ready = False
         self.lease: JobLease | None = None  # set by run_job; checked before every commit
         self.started = time.monotonic()
+        # Parts whose every row failed, kept until the canary settles: if it
+        # finds a systemic failure they are deleted, so a rerun recomputes them.
+        self.held: list[str] = []
+        self.canary_settled = False
 
     def _load_checkpoint(self) -> None:
         """Committed summaries, then the parts of uncommitted fragments."""
@@ -373,6 +392,8 @@ class _Run:
             for parts in pool.map(self.checkpoint.fragment_parts, pending):
                 for unit in ckpt.finished_units(parts).values():
                     self.ledger.add(unit.unit, unit.rows, unit.errors)
+                room = EVIDENCE_PARTS - len(self.error_parts)
+                self.error_parts += [path for path, rec in parts if rec["errors"]][: max(room, 0)]
 
     def execute(self, retry_errors: bool, commit_every_s: float, address) -> JobReport:
         self.retry_errors = retry_errors
@@ -472,6 +493,9 @@ class _Run:
                 override_num_blocks=len(wave),  # one block per unit: no re-splitting
                 ray_remote_args={"max_retries": MAX_RETRIES},
             )
+            # A stage's own error (SystemicError naming the stage), not Ray Data's
+            # UserCodeException, whose pickled form loses the cause.
+            read.context.raise_original_map_exception = True
             data = self.job.transform(read).map_batches(
                 ckpt.write_parts,
                 fn_kwargs=part_args,
@@ -520,8 +544,10 @@ class _Run:
         )
         tally = ckpt.UnitTally()
         last_commit = time.monotonic()
+        stream = iter(records_stream)
         try:
-            for records in records_stream:
+            for records in stream:
+                self._note_failed(records)
                 finished_now = 0
                 for rec in records.to_pylist():
                     self.report.rows_processed += rec["rows"]
@@ -541,17 +567,69 @@ class _Run:
                 if time.monotonic() - last_commit >= commit_every_s:
                     self._commit_ready(address)
                     last_commit = time.monotonic()
+        except Exception as exc:
+            cause = _root_failure(exc, self.job.name)
+            if cause is exc:
+                raise
+            raise cause from exc
         finally:
+            # Stops Ray Data's executor now, not when the iterator is collected.
+            getattr(stream, "close", lambda: None)()
             progress.close()
         log.info("%s", progress.line())
+
+    # --- failures: evidence, the canary, held parts ------------------------
+    def _part_path(self, rec: dict) -> str:
+        fragment_id = self.plan.states[self.plan.fragment_of(rec["unit"])].fragment_id
+        return self.checkpoint.part_path(fragment_id, rec)
+
+    def _note_failed(self, records: pa.Table) -> None:
+        """Note parts with failed rows as evidence, and hold those whose every
+        row failed until the canary has settled."""
+        for rec in records.filter(pc.greater(records["errors"], 0)).to_pylist():
+            if len(self.error_parts) < EVIDENCE_PARTS:
+                self.error_parts.append(self._part_path(rec))
+            if rec["errors"] == rec["rows"] and not self.canary_settled:
+                self.held.append(self._part_path(rec))
+
+    def _evidence(self) -> pa.Table:
+        return read_part_errors(self.error_parts, self.storage_options, limit=EVIDENCE_ROWS)
+
+    def _canary(self, rows: int, errors: int) -> None:
+        """Stop the job when every row so far (at least ``CANARY_ROWS``) failed
+        with one error type.
+
+        Stages check this per block; here it covers many small blocks. Not when
+        rows that failed before are retried: they may fail alike again.
+        """
+        if self.canary_settled or self.retry_errors or rows < CANARY_ROWS:
+            return
+        self.canary_settled = True  # settled either way: it is read once
+        held, self.held = self.held, []
+        if errors < rows:
+            return
+        evidence = self._evidence()
+        kinds = set(evidence["error_type"].to_pylist())
+        if len(kinds) == 1:
+            first = evidence.slice(0, 1).to_pylist()[0]
+            for path in held:  # not bad data: a rerun must compute these rows again
+                self.checkpoint.delete_part(path)
+            raise SystemicError(
+                f"{first['udf']}: every row failed with {first['error_type']}: "
+                f"{first['message'][:200]} — this looks like an environment or UDF problem, "
+                f"not bad data; {WHAT_TO_DO}"
+            )
 
     def _check_errors(self, *, final: bool) -> None:
         rows = self.report.rows_processed + self.report.rows_resumed
         errors = self.report.rows_failed + self.errors_before
+        self._canary(rows, errors)
         if rows and (final or rows >= MIN_ROWS_FOR_ERROR_GATE) and errors / rows > self.max_errors:
+            evidence = describe_errors(self._evidence(), failed=errors)
             raise LaionRayError(
                 f"{errors} of {rows} rows failed ({errors / rows:.1%}), above "
-                f"--max-error-fraction {self.max_errors}; nothing more was committed. "
+                f"--max-error-fraction {self.max_errors}; nothing more was committed; "
+                f"{evidence}. `laion-ray errors {self.job.uri}` lists them. "
                 "Finished work is checkpointed: fix the input or raise the limit and rerun"
             )
 
@@ -711,4 +789,54 @@ def _assemble_from_parts(
         units.append((unit, finished[unit.index].paths if unit.index in finished else []))
     return assemble_fragment(
         uri, fragment_id, units, physical_rows, schema, storage_options, version=version
+    )
+
+
+def _is_ray_wrapper(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] == "ray"
+
+
+# "laion_ray.errors.SystemicError: <message>" in a remote traceback's text.
+_REMOTE_ERROR = re.compile(r"^(laion_ray(?:\.\w+)*)\.(\w+): (.+)$", re.MULTILINE)
+
+
+def _from_text(text: str) -> BaseException | None:
+    """Our own error, rebuilt from a Ray error that kept only its text (an
+    actor that failed in ``__init__`` surfaces as ``ActorDiedError``)."""
+    for module, name, message in _REMOTE_ERROR.findall(text):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, (SystemicError, LaionRayError)):
+            return cls(message)
+    return None
+
+
+def _root_failure(exc: BaseException, job: str) -> BaseException:
+    """The exception to report for a failed stream, without Ray's wrappers.
+
+    A stage's own ``SystemicError`` or ``LaionRayError`` (raised in a worker,
+    wrapped in ``RayTaskError``) is raised with its original message, without
+    the retry notes Ray Data appends. Any other failure from Ray (a worker that
+    kept dying) becomes a ``SystemicError`` naming the job and the innermost
+    cause. Exceptions that did not come through Ray are returned as they are.
+    """
+    chain, seen, current = [], set(), exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    for cause in chain:
+        if isinstance(cause, (SystemicError, LaionRayError)) and not _is_ray_wrapper(cause):
+            first_line = (str(cause).splitlines() or [""])[0]
+            return cause if cause is exc else type(cause)(first_line)
+    if not any(_is_ray_wrapper(c) for c in chain):
+        return exc
+    for cause in chain:
+        if (own_error := _from_text(str(cause))) is not None:
+            return own_error
+    own = [c for c in chain if not _is_ray_wrapper(c)]
+    root = own[-1] if own else next((c for c in chain if str(c).strip()), chain[0])
+    text = str(root).strip().splitlines()
+    return SystemicError(
+        f"{job}: {type(root).__name__}: {text[0] if text else ''} — failed after Ray's "
+        f"retries; {WHAT_TO_DO}"
     )

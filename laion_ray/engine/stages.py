@@ -1,18 +1,33 @@
-"""Run one UDF stage over a batch: skip, compute, bisect failures, check schema.
+"""Run one UDF stage over a batch: skip, compute, isolate bad rows, check schema.
 
-A row that makes a UDF raise gets null outputs and an error string in the
-stage's ``_error:<name>`` column; the rest of its batch is unaffected.
+Failures fall into two classes:
+
+- a **row error**, an exception of a type the stage declares in ``row_errors``
+  (``ImageDecodeError`` for image decoding): the batch is bisected until the
+  failing rows are isolated; they get null outputs and an error string in the
+  stage's ``_error:<name>`` column, and the rest of the batch is unaffected;
+- anything else, and always :data:`SYSTEMIC_ERRORS` (a missing module, a CUDA
+  error) is **systemic**: :class:`~laion_ray.errors.SystemicError` names the
+  stage and the cause, the job stops, and nothing is recorded against rows.
+  ``LaionRayError`` (a bad parameter, a broken UDF contract) propagates as it is.
+
+Out of memory is neither: the batch is halved until it fits, and the smaller
+size is kept for the rest of the block (or actor). A canary turns row errors
+into a systemic failure when every row a stage tried so far failed with the
+same type: that is a broken environment or UDF, not bad data.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from laion_ray.errors import LaionRayError
+from laion_ray.errors import LaionRayError, SystemicError
 from laion_ray.udf import UDF
 
 from .plan import error_column
@@ -22,6 +37,24 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 500
 # A UDF that kills its worker on every attempt must fail the job, not retry forever.
 MAX_RETRIES = 3
+# Never a bad row, whatever a UDF declares: the environment or the code is
+# broken, and every row would fail the same way. (torch and CUDA runtime errors
+# are recognised by _is_accelerator_error, without importing torch.)
+SYSTEMIC_ERRORS: tuple[type[BaseException], ...] = (
+    ImportError,
+    MemoryError,
+    RecursionError,
+    SystemError,
+    LaionRayError,
+)
+# Rows that must all fail with one error type, and none succeed, before the
+# canary stops the stage: enough that a run of bad images is unlikely to look
+# like a broken environment, few enough to stop within the first batch.
+CANARY_ROWS = 64
+_ACCELERATOR_WORDS = ("CUDA", "cuDNN", "CUBLAS", "cuBLAS", "NCCL", "HIP")
+WHAT_TO_DO = (
+    "fix it and rerun the same command: finished units are reused and no row was recorded as bad"
+)
 
 
 class UDFContractError(LaionRayError):
@@ -50,24 +83,138 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}"[:MAX_ERROR_CHARS] if first else type(exc).__name__
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Host or device out of memory (``MemoryError``, ``torch.OutOfMemoryError``)."""
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+    )
+
+
+def _is_accelerator_error(exc: BaseException) -> bool:
+    """A torch or CUDA runtime error: a broken device or driver, not one row's fault."""
+    if not isinstance(exc, RuntimeError):
+        return False
+    if type(exc).__module__.split(".")[0] == "torch":
+        return True
+    text = str(exc)
+    return any(word in text for word in _ACCELERATOR_WORDS)
+
+
+def is_row_error(exc: BaseException, stage: UDF) -> bool:
+    """Whether ``exc`` marks a bad row of ``stage`` (null plus an error record)."""
+    return (
+        isinstance(exc, stage.row_errors)
+        and not isinstance(exc, SYSTEMIC_ERRORS)
+        and not _is_accelerator_error(exc)
+    )
+
+
+def systemic_failure(stage: str, exc: BaseException) -> SystemicError:
+    return SystemicError(
+        f"{stage}: {_one_line(exc)} — a broken environment or UDF, not bad data; {WHAT_TO_DO}"
+    )
+
+
+def _release_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")  # only if the UDF uses it; never imported here
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+class StageGuard:
+    """What one stage met so far in a block or an actor: the canary's counts and
+    the batch size that fits in memory."""
+
+    def __init__(self, stage: UDF, *, canary: bool = True):
+        self.stage = stage
+        self.canary = canary
+        self.ok_rows = 0
+        self.failed_rows = 0
+        self.first_error: BaseException | None = None
+        self.one_type = True
+        self.max_rows: int | None = None
+
+    def passed(self, rows: int) -> None:
+        self.ok_rows += rows
+
+    def failed(self, exc: BaseException) -> None:
+        """Count a failed row; stop the stage if every row so far failed alike."""
+        self.failed_rows += 1
+        if self.first_error is None:
+            self.first_error = exc
+        elif type(exc) is not type(self.first_error):
+            self.one_type = False
+        if self.canary and not self.ok_rows and self.one_type and self.failed_rows >= CANARY_ROWS:
+            raise SystemicError(
+                f"{self.stage.name}: every row failed with {_one_line(self.first_error)} — "
+                f"this looks like an environment or UDF problem, not bad data; {WHAT_TO_DO}"
+            ) from self.first_error
+
+    def out_of_memory(self, rows: int, exc: BaseException) -> None:
+        """Halve the batch size, or fail the stage if one row does not fit."""
+        if rows <= 1:
+            raise SystemicError(
+                f"{self.stage.name}: out of memory on a single row ({_one_line(exc)}); "
+                "give the stage more memory or a smaller model, then rerun the same command"
+            ) from exc
+        self.max_rows = min(self.max_rows or rows, rows) // 2
+        log.warning(
+            "%s: out of memory on a batch of %d rows (%s); retrying in batches of %d",
+            self.stage.name,
+            rows,
+            _one_line(exc),
+            self.max_rows,
+        )
+        _release_memory()
+
+
 def compute_with_bisect(
-    fn: Callable[[pa.Table], pa.Table], stage: UDF, inputs: pa.Table
+    fn: Callable[[pa.Table], pa.Table],
+    stage: UDF,
+    inputs: pa.Table,
+    guard: StageGuard | None = None,
 ) -> tuple[pa.Table, list[tuple[int, str]]]:
-    """Call ``fn``; on failure split the batch until the failing rows are isolated.
+    """Call ``fn``; split the batch to isolate bad rows, or to fit in memory.
 
     Returns the outputs (null where a row failed) and ``(row, error)`` pairs.
     Costs O(k log n) extra calls for k bad rows in a batch of n.
+
+    Raises:
+        SystemicError: a failure that is not a row error, or the canary.
+        LaionRayError: a bad parameter or a broken UDF contract.
     """
-    try:
-        return _check_output(stage, fn(inputs), inputs.num_rows), []
-    except UDFContractError:
-        raise
-    except Exception as exc:  # a bad row; isolate it
-        if inputs.num_rows == 1:
-            return _null_table(stage.output_schema, 1), [(0, _describe(exc))]
-    mid = inputs.num_rows // 2
-    left, left_errors = compute_with_bisect(fn, stage, inputs.slice(0, mid))
-    right, right_errors = compute_with_bisect(fn, stage, inputs.slice(mid))
+    guard = guard or StageGuard(stage)
+    rows = inputs.num_rows
+    if not rows:
+        return _null_table(stage.output_schema, 0), []
+    if guard.max_rows is None or rows <= guard.max_rows:
+        try:
+            outputs = _check_output(stage, fn(inputs), rows)
+        except LaionRayError:
+            raise
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                guard.out_of_memory(rows, exc)
+            elif not is_row_error(exc, stage):
+                raise systemic_failure(stage.name, exc) from exc
+            elif rows == 1:
+                guard.failed(exc)
+                return _null_table(stage.output_schema, 1), [(0, _describe(exc))]
+        else:
+            guard.passed(rows)
+            return outputs, []
+    mid = rows // 2
+    left, left_errors = compute_with_bisect(fn, stage, inputs.slice(0, mid), guard)
+    right, right_errors = compute_with_bisect(fn, stage, inputs.slice(mid), guard)
     errors = left_errors + [(row + mid, msg) for row, msg in right_errors]
     return pa.concat_tables([left, right]), errors
 
@@ -92,6 +239,7 @@ def apply_stage(
     *,
     upstream: set[str],
     keep: Sequence[str],
+    guard: StageGuard | None = None,
 ) -> pa.Table:
     """Compute ``stage`` on ``batch`` and return ``keep`` columns plus its outputs."""
     if isinstance(batch, pa.RecordBatch):
@@ -101,7 +249,7 @@ def apply_stage(
     inputs = batch.select(list(stage.inputs))
     if len(todo) < batch.num_rows:
         inputs = inputs.take(pa.array(todo))
-    outputs, failures = compute_with_bisect(fn, stage, inputs)
+    outputs, failures = compute_with_bisect(fn, stage, inputs, guard)
     if failures:
         log.debug(
             "%s: %d failing rows isolated in a batch of %d", stage.name, len(failures), len(todo)
@@ -132,15 +280,28 @@ def _error_messages(rows: int, todo: np.ndarray, failures: list[tuple[int, str]]
 class ActorStage:
     """Ray Data actor wrapper: the UDF's class is built once per actor."""
 
-    def __init__(self, stage: UDF, upstream: set[str], keep: Sequence[str]):
+    def __init__(self, stage: UDF, upstream: set[str], keep: Sequence[str], *, canary: bool = True):
         self.stage, self.upstream, self.keep = stage, upstream, list(keep)
-        self.fn = stage.instantiate()
+        self.guard = StageGuard(stage, canary=canary)
+        try:
+            self.fn = stage.instantiate()
+        except LaionRayError:
+            raise
+        except Exception as exc:  # a model that fails to load fails every row
+            raise systemic_failure(stage.name, exc) from exc
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return apply_stage(self.fn, self.stage, batch, upstream=self.upstream, keep=self.keep)
+        return apply_stage(
+            self.fn, self.stage, batch, upstream=self.upstream, keep=self.keep, guard=self.guard
+        )
 
 
-def task_stages(batch: pa.Table, steps: Sequence[tuple[UDF, set[str], Sequence[str]]]) -> pa.Table:
+def task_stages(
+    batch: pa.Table,
+    steps: Sequence[tuple[UDF, set[str], Sequence[str]]],
+    *,
+    canary: bool = True,
+) -> pa.Table:
     """Ray Data task wrapper: consecutive function UDFs run in one task per block.
 
     A whole block (one work unit) comes in, so the read, these stages and the
@@ -151,9 +312,10 @@ def task_stages(batch: pa.Table, steps: Sequence[tuple[UDF, set[str], Sequence[s
         batch = pa.Table.from_batches([batch])
     for stage, upstream, keep in steps:
         fn = stage.instantiate()
+        guard = StageGuard(stage, canary=canary)  # the canary and memory cap span the block
         size = max(stage.batch_size, 1)
         slices = [batch.slice(i, size) for i in range(0, max(batch.num_rows, 1), size)]
         batch = pa.concat_tables(
-            [apply_stage(fn, stage, s, upstream=upstream, keep=keep) for s in slices]
+            [apply_stage(fn, stage, s, upstream=upstream, keep=keep, guard=guard) for s in slices]
         )
     return batch

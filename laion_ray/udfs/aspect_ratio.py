@@ -19,6 +19,7 @@ ASPECT_RATIO_SCHEMA = pa.schema(
     outputs=ASPECT_RATIO_SCHEMA,
     name="aspect-ratio",
     batch_size=65536,
+    row_errors=(),  # nulls, never raises, for bad sizes: any exception is a bug
 )
 def aspect_ratio(batch: pa.Table) -> pa.Table:
     """``aspect_ratio = width / height``; null, never inf, for zero or null sizes.

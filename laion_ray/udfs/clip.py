@@ -42,7 +42,7 @@ from laion_ray.clip_model import (
     unit_float32,
 )
 from laion_ray.errors import LaionRayError
-from laion_ray.preprocess import PixelSpec, preprocess_images
+from laion_ray.preprocess import ImageDecodeError, PixelSpec, preprocess_images
 from laion_ray.udf import UDF, register
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ def preprocess_stage(spec: PixelSpec, **resources: Any) -> UDF:
         compute=clip_preprocess,
         params=spec.as_params(),
         batch_size=PREPROCESS_BATCH_SIZE,
+        row_errors=(ImageDecodeError,),  # only undecodable images are bad rows
     ).with_options(**resources)
 
 
@@ -321,6 +322,7 @@ def make_clip_embed(
         compute=ClipEmbed,
         params=params,
         batch_size=batch_size,
+        row_errors=(),  # pixels of a decoded image always embed: any exception is systemic
         **model_resources,
     ).with_options(**resources)
     return [preprocess_stage(spec), embed]

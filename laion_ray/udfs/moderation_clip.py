@@ -240,5 +240,6 @@ def make_moderation_clip(
             num_cpus=0.5,
             batch_size=batch_size,
             concurrency=1,
+            row_errors=(),  # null embeddings give null labels: any exception is a bug
         ).with_options(**resources)
     ]

@@ -63,5 +63,6 @@ def make_moderation_rules(
             compute=moderation_rules,
             params=params,
             batch_size=65536,
+            row_errors=(),  # a null flag gives a null label: any exception is a bug
         ).with_options(**resources)
     ]
