@@ -127,3 +127,16 @@ def held_ratio(
     width = pc.cast(batch["width"], pa.float64())
     height = pc.cast(batch["height"], pa.float64())
     return pa.table({"ar_held": pc.if_else(pc.greater(height, 0), pc.divide(width, height), None)})
+
+
+@udf(inputs=["width"], outputs=pa.schema([("width_x2", pa.int64())]), name="device-double")
+class DeviceDouble:
+    """A user-written class UDF: picks its device like the built-in model UDFs."""
+
+    def __init__(self) -> None:
+        from laion_ray.cluster import actor_device
+
+        self.device = actor_device()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.table({"width_x2": pc.multiply(pc.cast(batch["width"], pa.int64()), 2)})

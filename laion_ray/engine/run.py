@@ -24,6 +24,7 @@ import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from laion_ray.cluster import format_stages
 from laion_ray.error_log import checkpoint_root, failed_keys_by_fragment, record_errors
 from laion_ray.errors import LaionRayError
 from laion_ray.ray_env import ray_attached
@@ -73,6 +74,9 @@ class Job:
         where: Optional SQL filter on the rows to compute.
         overwrite: Whether existing output columns may be replaced.
         details: Extra facts for the commit history (UDF keys, parameters).
+        stage_report: What ran where so far, one dict per stage (resources
+            requested, peak actors, nodes, devices; see :mod:`laion_ray.cluster`);
+            recorded in the report and each commit's details.
     """
 
     uri: str
@@ -86,6 +90,7 @@ class Job:
     where: str | None = None
     overwrite: bool = False
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stage_report: Callable[[], list[dict[str, Any]]] | None = None
 
 
 @dataclasses.dataclass
@@ -107,6 +112,7 @@ class JobReport:
     elapsed_s: float = 0.0
     tag: str | None = None
     executor: str = "ray"
+    stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def rows_per_s(self) -> float:
@@ -121,7 +127,9 @@ class JobReport:
             f"{self.rows_resumed} resumed from checkpoints, {self.rows_skipped_failed} known-bad "
             f"skipped; {self.fragments_committed} fragments committed in {self.commits} commits; "
             f"{self.elapsed_s:.1f}s ({self.rows_per_s:,.0f} rows/s, {self.executor} executor); "
-            f"version {self.version}" + (f", tagged {self.tag}" if self.tag else "")
+            f"version {self.version}"
+            + (f", tagged {self.tag}" if self.tag else "")
+            + "".join("\n" + line for line in format_stages(self.stages))
         )
 
 
@@ -335,11 +343,19 @@ class _Run:
             self.done.setdefault(unit.index, ckpt.FinishedUnit(unit.index, [], 0, 0))
         self._check_errors(final=True)
         self._commit_ready(address)
+        self.report.stages = self._stages().get("stages", [])
         self.report.elapsed_s = time.monotonic() - self.started
         self.report.version = open_dataset(
             self.job.uri, storage_options=self.storage_options
         ).version
         return self.report
+
+    def _stages(self) -> dict[str, list[dict[str, Any]]]:
+        """What ran where, for the report and the commit details (empty when local)."""
+        if self.local or self.job.stage_report is None:
+            return {}
+        stages = self.job.stage_report()
+        return {"stages": stages} if stages else {}
 
     def _part_args(self) -> dict:
         columns = [
@@ -493,6 +509,7 @@ class _Run:
                 "rows_failed": self.report.rows_failed + self.errors_before,
                 "elapsed_s": round(time.monotonic() - self.started, 1),
                 "fragments": sorted(with_rows),
+                **self._stages(),
             }
             if not self.columns_ready:
                 new = [f for f in self.job.outputs if f.name in self.manifest["new_fields"]]
