@@ -194,6 +194,8 @@ def bench_actors(rows: int, model: str, batch_size: int, repeats: int) -> dict[s
         }
     )
     lance.write_dataset(table, uri, max_rows_per_file=max(rows // 4, 1))
+    # A loaded machine can take over a minute to start a node's dashboard agent.
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "600000")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
     cluster.add_node(num_cpus=4, num_gpus=2)
     params = {

@@ -36,7 +36,7 @@ def _cluster(num_gpus: int):
 
     if (missing := get_dashboard_dependency_error()) is not None:
         pytest.skip(f"the job server needs ray[default] (dashboard): {missing}")
-    for attempt in range(5):
+    for attempt in range(10):
         c = LocalCluster()
         # On a loaded machine the dashboard agent can take over a minute to
         # start, and the raylet gives up waiting for its ports after one.
@@ -48,7 +48,7 @@ def _cluster(num_gpus: int):
             c.start_head(num_cpus=HEAD_CPUS)
         except (RuntimeError, subprocess.TimeoutExpired):
             c.stop()
-            if attempt == 4:
+            if attempt == 9:
                 raise
             continue
         break
