@@ -181,3 +181,22 @@ def test_capacity_reads_the_autoscaler_node_types(ray_session):
     embed = plan_stages(make_clip_embed(**MODEL), cap, Overrides()).stages[1]
     assert embed.num_gpus == 1.0 and embed.concurrency == (1, 8, 1)
     assert not cluster_capacity().autoscaler
+
+
+def test_history_lists_each_stage_of_a_commit():
+    from laion_ray.history import format_history
+
+    plan = plan_stages(make_clip_embed(**MODEL), Capacity.of({"CPU": 8, "GPU": 8}), Overrides())
+    stages = describe_plan(plan)
+    stages[1].update(peak_actors=8, nodes=[f"{i:056x}" for i in range(8)], devices={"cuda": 8})
+    entry = {
+        "version": 3,
+        "timestamp": "2026-11-30T12:00:00",
+        "job": "backfill:clip-embed",
+        "operation": "DataReplacement",
+        "details": {"rows_processed": 10, "stages": stages},
+        "tags": [],
+    }
+    text = format_history([entry])
+    assert "clip-embed: 8 actor(s) at peak (pool 1..8), 1 CPU + 1 GPU each, on 8 node(s)" in text
+    assert "device cuda x8" in text
