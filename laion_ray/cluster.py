@@ -458,11 +458,11 @@ def format_stages(stages: Sequence[Mapping[str, Any]]) -> list[str]:
         where = f"on {len(nodes)} node(s) {','.join(n[:8] for n in nodes)}, " if nodes else ""
         if s["kind"] == "actors":
             devices = ", ".join(f"{d} x{n}" for d, n in sorted(s.get("devices", {}).items()))
+            peak = f"{s['peak_actors']} actor(s) at peak " if "peak_actors" in s else "actors "
             line = (
-                f"  {s['stage']}: {s.get('peak_actors', 0)} actor(s) at peak "
-                f"(pool {s['pool'][0]}..{s['pool'][1]}), {ask} each, {where}"
-                f"device {devices or '?'}"
-            )
+                f"  {s['stage']}: {peak}(pool {s['pool'][0]}..{s['pool'][1]}), {ask} each, "
+                f"{where}" + (f"device {devices}" if devices else "")
+            ).rstrip(", ")
             if s.get("cpu_fallback"):
                 line += f" ({s['cpu_fallback']} got a GPU but no CUDA device: ran on CPU)"
         else:
