@@ -12,8 +12,17 @@ model loop over pre-decoded tensors with the same model, torch threads and batch
 size. Randomly initialised ViT-B-32 on the CPU here. Target >= 0.90. The
 backfill's time includes Ray Data start-up, the actor's model load and the commit.
 
+Line 3, ``re-embed two model actors / one``: the same ``clip-embed`` backfill
+(``overwrite``) on a two-node Ray cluster shaped like the cluster test's: a head
+with 1 CPU and no GPU (the driver's node) and a worker with 4 logical CPUs and
+2 logical GPUs. The planner gives each model actor one GPU, so the default run
+has two actors; ``--max-actors 1`` gives one. No CUDA here, so both actors fall
+back to the CPU, one torch thread each. Target >= 1.6; runs alternate, and the
+line reports the median ratio and the spread of the pairs.
+
 Run:
     python benchmarks/bench_embed.py --images 400 --repeats 3 --e2e-rows 1024
+    python benchmarks/bench_embed.py --images 0 --e2e-rows 0 --actor-rows 384 --repeats 3
 """
 
 from __future__ import annotations
@@ -164,6 +173,69 @@ def bench_end_to_end(rows: int, model: str, batch_size: int, threads: int) -> di
     }
 
 
+def bench_actors(rows: int, model: str, batch_size: int, repeats: int) -> dict[str, object]:
+    """Two model actors against one on a two-node cluster; rows/s of each run."""
+    import shutil
+    import tempfile
+
+    import lance
+    import pyarrow as pa
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from laion_ray.backfill import backfill
+
+    workdir = tempfile.mkdtemp(prefix="bench-actors-")
+    uri = os.path.join(workdir, "images.lance")
+    table = pa.table(
+        {
+            "key": pa.array(range(rows), pa.int64()),
+            "image": pa.array(make_jpegs(rows, seed=1), pa.large_binary()),
+        }
+    )
+    lance.write_dataset(table, uri, max_rows_per_file=max(rows // 4, 1))
+    # A loaded machine can take over a minute to start a node's dashboard agent.
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "600000")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    cluster.add_node(num_cpus=4, num_gpus=2)
+    params = {
+        "model": model,
+        "random_weights": True,
+        "batch_size": batch_size,
+        "num_threads": 1,
+    }
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    peaks: dict[int, set[int]] = {1: set(), 2: set()}
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        for run in range(repeats + 1):
+            for actors in (1, 2):
+                report = backfill(
+                    uri,
+                    udfs=["clip-embed"],
+                    udf_params={"clip-embed": params},
+                    max_actors=actors,
+                    overwrite=True,
+                    unit_rows=max(batch_size, 16),
+                )
+                if run:  # the first pair warms the nodes' worker pools and caches
+                    rates[actors].append(report.rows_per_s)
+                    (embed,) = [s for s in report.stages if s["stage"] == "clip-embed"]
+                    peaks[actors].add(embed["peak_actors"])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+    ratios = sorted(b / a for a, b in zip(rates[1], rates[2], strict=True))
+    return {
+        "ratio": float(np.median(ratios)),
+        "ratios": ratios,
+        "one": float(np.median(rates[1])),
+        "two": float(np.median(rates[2])),
+        "peaks": {k: sorted(v) for k, v in peaks.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=400)
@@ -172,7 +244,20 @@ def main() -> None:
     parser.add_argument("--e2e-rows", type=int, default=1024, help="0 skips the end-to-end line")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--actor-rows", type=int, default=384, help="0 skips the two-actors line")
     args = parser.parse_args()
+    if args.actor_rows:
+        a = bench_actors(args.actor_rows, args.model, args.batch_size, args.repeats)
+        print(
+            f"re-embed two model actors / one, rows/s = {a['ratio']:.2f} (target >= 1.6; "
+            f"median of {len(a['ratios'])} interleaved pairs, spread "
+            f"{min(a['ratios']):.2f}-{max(a['ratios']):.2f}; {a['two']:.1f} vs {a['one']:.1f} "
+            f"rows/s; peak actors {a['peaks'][2]} vs {a['peaks'][1]}; {args.model} random "
+            f"weights, CPU fallback of 1-GPU actors, 1 torch thread each, batch "
+            f"{args.batch_size}, {args.actor_rows} rows; head 1 CPU/0 GPU + worker 4 CPU/2 GPU)"
+        )
+    if not args.images:
+        return
     r = bench_preprocess(args.images, args.repeats, args.model)
     print(
         f"preprocess ({args.model}, 384px JPEG, 1 core): fast {r['fast_img_s']:.0f} img/s, "

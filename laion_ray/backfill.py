@@ -8,12 +8,23 @@ fragment gains one new column file.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lance
 import pyarrow as pa
 
+from laion_ray.cluster import (
+    Overrides,
+    Plan,
+    cluster_capacity,
+    describe_plan,
+    format_stages,
+    placement_report,
+    plan_stages,
+    start_placement_log,
+)
 from laion_ray.engine.commit import UDF_METADATA
 from laion_ray.engine.plan import ROWADDR, UNIT, UNIT_ROWS, dataset_inputs, error_column
 from laion_ray.engine.run import COMMIT_EVERY_S, KEY, Job, JobReport, run_job
@@ -22,6 +33,7 @@ from laion_ray.storage import open_dataset
 from laion_ray.udf import UDF, resolve
 
 BackfillReport = JobReport
+log = logging.getLogger(__name__)
 
 
 def resolve_stages(
@@ -88,18 +100,43 @@ def _steps(stages: Sequence[UDF]) -> list[tuple[UDF, set[str], list[str]]]:
     return steps
 
 
-def _stage_pipeline(stages: Sequence[UDF], *, canary: bool = True):
+class _StagePipeline:
     """The job's transform: function UDFs run as tasks, class UDFs as actor pools.
 
+    Resources are planned when the transform is applied, on the connected
+    cluster (:mod:`laion_ray.cluster`), never from this machine's hardware.
     Consecutive function stages with the same resources share one task per
     block; each stage keeps only the columns later stages still need.
     ``canary=False`` when rows that failed before are retried: they may all
     fail alike again, as bad data.
     """
 
-    def transform(data):
+    def __init__(self, stages: Sequence[UDF], overrides: Overrides, *, canary: bool = True):
+        self.stages, self.overrides, self.canary = list(stages), overrides, canary
+        self.plan: Plan | None = None
+        self.placement: str | None = None
+        self._placement_actor = None  # referenced so the log lives as long as the job
+
+    def stage_report(self) -> list[dict[str, Any]]:
+        """Per stage: requested resources, peak actors, nodes and devices so far."""
+        if self.plan is None or self.placement is None:
+            return []
+        return placement_report(self.plan, self.placement)
+
+    def __call__(self, data):
         from laion_ray.engine.stages import MAX_RETRIES, ActorStage, task_stages
 
+        self.plan = plan_stages(self.stages, cluster_capacity(), self.overrides)
+        if self.placement is None:  # one log for every wave of the job
+            self.placement, self._placement_actor = start_placement_log()
+        log.info(
+            "resource plan on %s: %s",
+            self.plan.capacity.to_dict(),
+            "; ".join(line.strip() for line in format_stages(describe_plan(self.plan))),
+        )
+        if self.plan.cpu_limit is not None:
+            options = data.context.execution_options
+            options.resource_limits = options.resource_limits.copy(cpu=self.plan.cpu_limit)
         group: list[tuple[UDF, set[str], list[str]]] = []
 
         def flush(data):
@@ -107,7 +144,7 @@ def _stage_pipeline(stages: Sequence[UDF], *, canary: bool = True):
                 first = group[0][0]
                 data = data.map_batches(
                     task_stages,
-                    fn_kwargs=dict(steps=list(group), canary=canary),
+                    fn_kwargs=dict(steps=list(group), placement=self.placement, canary=self.canary),
                     batch_size=None,
                     batch_format="pyarrow",
                     num_cpus=first.num_cpus,
@@ -117,19 +154,23 @@ def _stage_pipeline(stages: Sequence[UDF], *, canary: bool = True):
                 group.clear()
             return data
 
-        for stage, upstream, keep in _steps(stages):
+        for stage, upstream, keep in _steps(self.plan.stages):
             if stage.is_actor:
                 data = flush(data)
                 data = data.map_batches(
                     ActorStage,
                     fn_constructor_kwargs=dict(
-                        stage=stage, upstream=upstream, keep=keep, canary=canary
+                        stage=stage,
+                        upstream=upstream,
+                        keep=keep,
+                        placement=self.placement,
+                        canary=self.canary,
                     ),
                     batch_size=stage.batch_size,
                     batch_format="pyarrow",
                     num_cpus=stage.num_cpus,
                     num_gpus=stage.num_gpus or None,
-                    concurrency=stage.concurrency or 1,
+                    concurrency=stage.concurrency,
                 )
             else:
                 if group and (group[0][0].num_cpus, group[0][0].num_gpus) != (
@@ -139,8 +180,6 @@ def _stage_pipeline(stages: Sequence[UDF], *, canary: bool = True):
                     data = flush(data)
                 group.append((stage, upstream, keep))
         return flush(data)
-
-    return transform
 
 
 def _local_transform(stages: Sequence[UDF], *, canary: bool = True):
@@ -165,6 +204,10 @@ def backfill(
     batch_size: int | None = None,
     concurrency: int | None = None,
     udf_params: Mapping[str, Mapping[str, Any]] | None = None,
+    gpus: int | None = None,
+    max_actors: int | None = None,
+    device: str | None = None,
+    decode_cpus: float | None = None,
     unit_rows: int | None = None,
     commit_every_s: float = COMMIT_EVERY_S,
     checkpoint_uri: str | None = None,
@@ -189,8 +232,17 @@ def backfill(
         retry_errors: Also recompute rows recorded as failed earlier.
         max_error_fraction: Stop, committing nothing more, above this failure rate.
         tag: Tag the resulting version.
-        batch_size, concurrency: Override the UDFs' defaults.
+        batch_size, concurrency: Override the UDFs' defaults (``concurrency``
+            fixes every model stage's pool size).
         udf_params: Per-UDF parameters, e.g. ``{"moderation-rules": {"nsfw_threshold": 0.8}}``.
+        gpus: GPUs for each model stage's actor pool (default: the cluster's
+            GPU capacity, autoscalable nodes included); ``0`` runs model actors
+            on CPUs.
+        max_actors: Upper bound of each model stage's actor pool.
+        device: ``cpu`` or ``cuda`` for every model stage.
+        decode_cpus: CPU budget of decode and other task stages (default: up
+            to the cluster's CPUs; with GPU model stages at most
+            ``DECODE_CPUS_PER_GPU`` per GPU, see :mod:`laion_ray.cluster`).
         unit_rows: Rows per work unit (default: about 64 MiB of input, e.g. 1024 image rows).
         commit_every_s: Commit finished fragments at least this often.
         checkpoint_uri: Where checkpoints and errors live (default ``<uri>/_laion_ray``).
@@ -210,6 +262,8 @@ def backfill(
     if not udfs:
         raise LaionRayError("give at least one --udf")
     stages = resolve_stages(udfs, batch_size=batch_size, concurrency=concurrency, params=udf_params)
+    overrides = Overrides(gpus, max_actors, device, decode_cpus).validate()
+    pipeline = _StagePipeline(stages, overrides, canary=not retry_errors)
     ds = open_dataset(uri, storage_options=storage_options)
     _check_inputs(ds, stages, where)
     read_columns = dataset_inputs(stages)
@@ -222,7 +276,8 @@ def backfill(
         read_columns=read_columns,
         outputs=_output_schema(stages),
         producers=[s.name for s in stages],
-        transform=_stage_pipeline(stages, canary=not retry_errors),
+        transform=pipeline,
+        stage_report=pipeline.stage_report,
         local_transform=_local_transform(stages, canary=not retry_errors),
         where=where,
         overwrite=overwrite,

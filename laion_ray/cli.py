@@ -190,6 +190,11 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-partitions", type=int, help="buckets of the shuffle join")
     p.add_argument(
+        "--workers",
+        type=int,
+        help="parallel tasks to size the shuffle for (default: the cluster's CPUs)",
+    )
+    p.add_argument(
         "--source-storage-option",
         action="append",
         metavar="KEY=VALUE",
@@ -226,6 +231,7 @@ def _merge(args: argparse.Namespace) -> None:
         report_path=args.report,
         broadcast_max_bytes=args.broadcast_max_bytes,
         num_partitions=args.num_partitions,
+        workers=args.workers,
         commit_every_s=args.commit_every,
         executor=args.executor,
     )
@@ -302,7 +308,19 @@ def _backfill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-error-fraction", type=float, default=0.01)
     p.add_argument("--tag", help="tag the resulting version")
     p.add_argument("--batch-size", type=int, help="rows per UDF call (default: per UDF)")
-    p.add_argument("--concurrency", type=int, help="actors per model stage")
+    p.add_argument("--concurrency", type=int, help="fixed actors per model stage")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        help="GPUs per model stage (default: the cluster's GPU capacity; 0 = CPU actors)",
+    )
+    p.add_argument("--max-actors", type=int, help="upper bound of each model stage's actor pool")
+    p.add_argument("--device", help="cpu or cuda for every model stage (default: per actor)")
+    p.add_argument(
+        "--decode-cpus",
+        type=float,
+        help="CPU budget of decode/task stages (default: cluster CPUs, at most 4 per GPU)",
+    )
     _job_flags(p, auto="auto: small function-UDF jobs on narrow columns run in-process")
 
 
@@ -321,6 +339,10 @@ def _backfill(args: argparse.Namespace) -> None:
         tag=args.tag,
         batch_size=args.batch_size,
         concurrency=args.concurrency,
+        gpus=args.gpus,
+        max_actors=args.max_actors,
+        device=args.device,
+        decode_cpus=args.decode_cpus,
         unit_rows=args.unit_rows,
         commit_every_s=args.commit_every,
         checkpoint_uri=args.checkpoint_uri,
@@ -414,7 +436,13 @@ def _reindex_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-rate", type=int, default=256, help="training rows per centroid")
     p.add_argument("--min-recall", type=float, help="keep the old index if recall@10 is lower")
     p.add_argument("--tag", help="tag the committed version")
-    p.add_argument("--num-workers", type=int, help="parallel index segments (default: CPUs)")
+    p.add_argument(
+        "--workers",
+        "--num-workers",
+        dest="num_workers",
+        type=int,
+        help="parallel index segments (default: the cluster's CPUs, autoscalable nodes included)",
+    )
     p.add_argument("--report", help="write the report JSON here")
     p.add_argument("--plot", help="write the recall-latency PNG here")
 

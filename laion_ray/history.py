@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+from laion_ray.cluster import format_stages
 from laion_ray.engine.commit import DETAILS_PROPERTY, JOB_PROPERTY
 from laion_ray.storage import open_dataset
 
@@ -13,7 +14,8 @@ def job_history(uri: str, *, storage_options: Mapping[str, str] | None = None) -
     """One entry per version committed by laion-ray, oldest first.
 
     Each has ``version``, ``timestamp``, ``job``, ``operation`` and the job's
-    ``details`` (UDFs and versions, parameters, row/error/time counts).
+    ``details`` (UDFs and versions, parameters, row/error/time counts, and
+    ``stages``: what each stage requested and where it ran).
     """
     ds = open_dataset(uri, storage_options=storage_options)
     tags_by_version: dict[int, list[str]] = {}
@@ -53,4 +55,5 @@ def format_history(entries: list[dict]) -> str:
             f"{e['version']:>7}  {e['timestamp']:19}  {e['operation']:17}  {e['job']}"
             f"{'  (' + counts + ')' if counts else ''}{tags}"
         )
+        lines.extend(" " * 7 + line for line in format_stages(d.get("stages", [])))
     return "\n".join(lines)

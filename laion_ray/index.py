@@ -293,7 +293,8 @@ def reindex(
         min_recall: If recall@10 at the default search settings is below this,
             the new index is not committed and the old one stays.
         tag: Tag the committed version with this name.
-        num_workers: Fragment groups built in parallel; default: cluster CPUs.
+        num_workers: Fragment groups built in parallel; default: the cluster's
+            CPUs, autoscalable nodes included (:mod:`laion_ray.cluster`).
         storage_options: Object-store options for Lance.
         report_path: Write the report as JSON here.
         plot_path: Write the recall-latency PNG here.
@@ -306,6 +307,7 @@ def reindex(
     """
     import ray
 
+    from laion_ray.cluster import cluster_capacity
     from laion_ray.ray_env import ensure_ray
 
     _validate(partitions, sub_vectors, metric, sample_rate, min_recall, num_workers, tag)
@@ -324,7 +326,8 @@ def reindex(
             f"partitions needs at least {max(2 * PQ_CODES, 2 * partitions)}"
         )
     ensure_ray()
-    num_workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    capacity = cluster_capacity()  # autoscalable nodes count: a 0-CPU head is not the cluster
+    num_workers = capacity.worker_count(num_workers)
     groups = _groups(frags, num_workers)
     version, timings, t0 = ds.version, {}, time.perf_counter()
     old = [i for i in ds.describe_indices() if list(i.field_names) == [column]]
@@ -360,7 +363,7 @@ def reindex(
     timings["sample"] = time.perf_counter() - t0
 
     # Train on one worker (GPU if the cluster has one), then build segments.
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    use_gpu = capacity.gpus >= 1
     train = remote(_train_task, 1).options(num_gpus=1 if use_gpu else 0, num_returns=2)
     cref, bref = train.remote([p[0] for p in parts], partitions, sub_vectors, metric,
                               sample_rate, use_gpu)  # fmt: skip

@@ -49,9 +49,13 @@ class UDF:
             such callables; ``params`` are its keyword arguments.
         params: Parameters that change the result (part of the checkpoint key).
         num_cpus, num_gpus: Per task or per actor; fractional CPUs keep read
-            tasks from starving on small machines.
+            tasks from starving on small machines. ``num_gpus=None`` lets the
+            planner (:mod:`laion_ray.cluster`) decide: a class gets one GPU per
+            actor when the cluster has or can add GPUs, a function none; ``0``
+            keeps a class on CPUs.
         batch_size: Rows per call.
         concurrency: Actor-pool size (``int`` or ``(min, max)``); tasks ignore it.
+            None lets the planner size the pool from the cluster.
         row_errors: Exception types that mark one bad row (null plus an error
             record). Anything else stops the job, and some types always do:
             see ``laion_ray.engine.stages.SYSTEMIC_ERRORS``. The default, any
@@ -66,7 +70,7 @@ class UDF:
     compute: Callable[..., Any]
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     num_cpus: float = TASK_CPUS
-    num_gpus: float = 0.0
+    num_gpus: float | None = None
     batch_size: int = 4096
     concurrency: int | tuple[int, int] | None = None
     row_errors: tuple[type[BaseException], ...] = (Exception,)
@@ -111,7 +115,7 @@ def udf(
     name: str | None = None,
     version: str = "1",
     num_cpus: float = TASK_CPUS,
-    num_gpus: float = 0.0,
+    num_gpus: float | None = None,
     batch_size: int = 4096,
     concurrency: int | tuple[int, int] | None = None,
     row_errors: Sequence[type[BaseException]] = (Exception,),

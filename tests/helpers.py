@@ -136,6 +136,8 @@ def held_ratio(
 def stamp(batch: pa.Table, job: int = 0) -> pa.Table:
     """``key * 10 + job``: which job last wrote a row, readable from its value."""
     return pa.table({"stamp": pc.add(pc.multiply(batch["key"], 10), job)})
+
+
 # --- failure classes (tests/test_failures.py) ---------------------------------
 
 
@@ -247,3 +249,16 @@ class FailsToLoad:
 def die_always(batch: pa.Table) -> pa.Table:
     """Kills its worker on every attempt: Ray's retries cannot help."""
     os._exit(1)
+
+
+@udf(inputs=["width"], outputs=pa.schema([("width_x2", pa.int64())]), name="device-double")
+class DeviceDouble:
+    """A user-written class UDF: picks its device like the built-in model UDFs."""
+
+    def __init__(self) -> None:
+        from laion_ray.cluster import actor_device
+
+        self.device = actor_device()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.table({"width_x2": pc.multiply(pc.cast(batch["width"], pa.int64()), 2)})

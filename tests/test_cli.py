@@ -46,6 +46,9 @@ def test_info_non_lance_directory(non_lance_dir, capsys):
         (["frobnicate"], "frobnicate"),
         ([], "command"),
         (["info"], "uri"),
+        (["backfill", "X.lance", "--udf", "aspect-ratio", "--device", "tpu"], "--device"),
+        (["backfill", "X.lance", "--udf", "aspect-ratio", "--gpus", "-1"], "--gpus"),
+        (["backfill", "X.lance", "--udf", "aspect-ratio", "--max-actors", "0"], "--max-actors"),
     ],
 )
 def test_bad_arguments(argv, needle, capsys):

@@ -144,14 +144,15 @@ class LocalCluster:
         path = self.root / f"{name}.start.log"
         return path.read_text() if path.exists() else ""
 
-    def start_head(self) -> None:
+    def start_head(self, *, num_cpus: int = 0) -> None:
         (client_port,) = _free_ports(1)
         self._start(
             "head",
             [
                 "--head",
                 f"--port={self.port}",
-                "--num-cpus=0",
+                f"--num-cpus={num_cpus}",
+                "--num-gpus=0",
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}",
@@ -159,13 +160,19 @@ class LocalCluster:
             ],
         )
 
-    def start_worker(self, name: str) -> str:
+    def start_worker(self, name: str, *, num_cpus: int = 2, num_gpus: int = 0) -> str:
         """Start a worker node and return its Ray node id once the head sees it alive.
 
+        ``num_gpus`` declares logical GPUs (Ray accepts them on a CPU machine).
         ``ray start`` gives a joining raylet a fixed 30 s to register, which a
         loaded CI machine can miss; one more try (after clearing the first) is fine.
         """
-        args = [f"--address={self.address}", "--num-cpus=2", '--resources={"laion_worker": 1}']
+        args = [
+            f"--address={self.address}",
+            f"--num-cpus={num_cpus}",
+            f"--num-gpus={num_gpus}",
+            '--resources={"laion_worker": 1}',
+        ]
         try:
             self._start(name, args)
         except RuntimeError:

@@ -28,6 +28,7 @@ import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from laion_ray.cluster import format_stages
 from laion_ray.error_log import (
     checkpoint_root,
     describe_errors,
@@ -109,6 +110,9 @@ class Job:
         where: Optional SQL filter on the rows to compute.
         overwrite: Whether existing output columns may be replaced.
         details: Extra facts for the commit history (UDF keys, parameters).
+        stage_report: What ran where so far, one dict per stage (resources
+            requested, peak actors, nodes, devices; see :mod:`laion_ray.cluster`);
+            recorded in the report and each commit's details.
     """
 
     uri: str
@@ -123,6 +127,7 @@ class Job:
     where: str | None = None
     overwrite: bool = False
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stage_report: Callable[[], list[dict[str, Any]]] | None = None
 
 
 @dataclasses.dataclass
@@ -144,6 +149,7 @@ class JobReport:
     elapsed_s: float = 0.0
     tag: str | None = None
     executor: str = "ray"
+    stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def rows_per_s(self) -> float:
@@ -158,7 +164,9 @@ class JobReport:
             f"{self.rows_resumed} resumed from checkpoints, {self.rows_skipped_failed} known-bad "
             f"skipped; {self.fragments_committed} fragments committed in {self.commits} commits; "
             f"{self.elapsed_s:.1f}s ({self.rows_per_s:,.0f} rows/s, {self.executor} executor); "
-            f"version {self.version}" + (f", tagged {self.tag}" if self.tag else "")
+            f"version {self.version}"
+            + (f", tagged {self.tag}" if self.tag else "")
+            + "".join("\n" + line for line in format_stages(self.stages))
         )
 
 
@@ -411,6 +419,7 @@ class _Run:
             self.ledger.add(unit.index, 0, 0)
         self._check_errors(final=True)
         self._commit_ready(address)
+        self.report.stages = self._stages().get("stages", [])
         self.report.elapsed_s = time.monotonic() - self.started
         self.report.version = open_dataset(
             self.job.uri, storage_options=self.storage_options
@@ -434,6 +443,13 @@ class _Run:
             for u in self.plan.units(s.fragment_id)
             if not self.ledger.done[u.index]
         )
+
+    def _stages(self) -> dict[str, list[dict[str, Any]]]:
+        """What ran where, for the report and the commit details (empty when local)."""
+        if self.local or self.job.stage_report is None:
+            return {}
+        stages = self.job.stage_report()
+        return {"stages": stages} if stages else {}
 
     def _part_args(self) -> dict:
         columns = [
@@ -650,6 +666,7 @@ class _Run:
                 "rows_failed": self.report.rows_failed + self.errors_before,
                 "elapsed_s": round(time.monotonic() - self.started, 1),
                 "fragments": sorted(with_rows),
+                **self._stages(),
             }
             if not self.columns_ready:
                 new = [f for f in self.job.outputs if f.name in self.manifest["new_fields"]]

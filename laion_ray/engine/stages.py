@@ -278,9 +278,21 @@ def _error_messages(rows: int, todo: np.ndarray, failures: list[tuple[int, str]]
 
 
 class ActorStage:
-    """Ray Data actor wrapper: the UDF's class is built once per actor."""
+    """Ray Data actor wrapper: the UDF's class is built once per actor.
 
-    def __init__(self, stage: UDF, upstream: set[str], keep: Sequence[str], *, canary: bool = True):
+    With ``placement`` (a :class:`laion_ray.cluster.PlacementLog` name) the
+    actor reports its node and device once, for the job report.
+    """
+
+    def __init__(
+        self,
+        stage: UDF,
+        upstream: set[str],
+        keep: Sequence[str],
+        placement: str | None = None,
+        *,
+        canary: bool = True,
+    ):
         self.stage, self.upstream, self.keep = stage, upstream, list(keep)
         self.guard = StageGuard(stage, canary=canary)
         try:
@@ -289,6 +301,10 @@ class ActorStage:
             raise
         except Exception as exc:  # a model that fails to load fails every row
             raise systemic_failure(stage.name, exc) from exc
+        if placement:
+            from laion_ray.cluster import record_actor
+
+            record_actor(placement, stage, self.fn)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return apply_stage(
@@ -299,6 +315,7 @@ class ActorStage:
 def task_stages(
     batch: pa.Table,
     steps: Sequence[tuple[UDF, set[str], Sequence[str]]],
+    placement: str | None = None,
     *,
     canary: bool = True,
 ) -> pa.Table:
@@ -306,8 +323,13 @@ def task_stages(
 
     A whole block (one work unit) comes in, so the read, these stages and the
     checkpoint write fuse into a single Ray task; each UDF still sees batches
-    of its own ``batch_size``.
+    of its own ``batch_size``. With ``placement`` the node is reported (once
+    per worker process) for the job report.
     """
+    if placement:
+        from laion_ray.cluster import record_task
+
+        record_task(placement, [stage.name for stage, _, _ in steps])
     if isinstance(batch, pa.RecordBatch):
         batch = pa.Table.from_batches([batch])
     for stage, upstream, keep in steps:

@@ -74,6 +74,7 @@ class MergeReport:
     on: str
     columns: list[str]
     strategy: str
+    partitions: int | None = None
     source_rows: int = 0
     matched_keys: int = 0
     unmatched_keys: int = 0
@@ -96,7 +97,9 @@ class MergeReport:
 
     def summary(self) -> str:
         head = (
-            f"merge {self.source} -> {self.uri} on {self.on!r} ({self.strategy}): "
+            f"merge {self.source} -> {self.uri} on {self.on!r} ({self.strategy}"
+            + (f", {self.partitions} buckets" if self.partitions else "")
+            + "): "
             f"{self.source_rows} source rows, {self.matched_keys} keys matched, "
             f"{self.unmatched_keys} source keys not in the dataset"
             + (f" (written to {self.unmatched_out})" if self.unmatched_out else "")
@@ -135,6 +138,7 @@ def merge(
     report_path: str | None = None,
     broadcast_max_bytes: int = BROADCAST_MAX_BYTES,
     num_partitions: int | None = None,
+    workers: int | None = None,
     commit_every_s: float = COMMIT_EVERY_S,
     executor: str = "auto",
 ) -> MergeReport:
@@ -167,7 +171,10 @@ def merge(
         checkpoint_uri: Where checkpoints live (default ``<uri>/_laion_ray``).
         report_path: Write the report as JSON here.
         broadcast_max_bytes: Sources up to this size are broadcast, larger ones shuffled.
-        num_partitions: Buckets of the shuffle join (default: from the sizes).
+        num_partitions: Buckets of the shuffle join (default: from the sizes,
+            and at least two per worker).
+        workers: Parallel tasks the shuffle is sized for (default: the
+            cluster's CPUs, autoscalable nodes included).
         commit_every_s: Commit finished fragments at least this often.
         executor: ``ray``, ``local`` (this process; broadcast joins only) or
             ``auto``: local for a source of at most ``LOCAL_SOURCE_MAX_BYTES``
@@ -221,7 +228,7 @@ def merge(
             if strategy == "broadcast":
                 transform = validate_broadcast(*args, storage_options)
             else:
-                transform = validate_shuffle(*args, num_partitions, storage_options)
+                transform = validate_shuffle(*args, num_partitions, workers, storage_options)
         except (ray.exceptions.RayError, RuntimeError, ValueError) as exc:
             raise (unwrap(exc) or exc) from exc
     log.info("%s", report.summary())

@@ -82,15 +82,23 @@ def _check_bucket(group: pa.Table, *, on: str) -> pa.Table:
 
 
 def validate_shuffle(
-    report, ds, version, src, on, key_type, types, unmatched_out, partitions, storage_options
-):
-    """Distributed checks by a key shuffle; return the bucket-join transform."""
+    report, ds, version, src, on, key_type, types, unmatched_out, partitions, workers,
+    storage_options,
+):  # fmt: skip
+    """Distributed checks by a key shuffle; return the bucket-join transform.
+
+    Buckets: ``partitions``, else two per worker (``workers``, or the cluster's
+    CPUs including autoscalable nodes) or one per 128 MiB, whichever is more.
+    """
     import ray
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    from laion_ray.cluster import cluster_capacity
+
+    cpus = cluster_capacity().worker_count(workers)
     buckets = partitions or max(
         2 * cpus, int(np.ceil((src.size_bytes + ds.count_rows() * 32) / (128 * 1024**2)))
     )
+    report.partitions = buckets
     key_schema = pa.schema([(on, key_type)])
     conform_args = dict(on=on, key_type=key_type, types=types)
 

@@ -6,7 +6,8 @@ Decoding scales on CPUs apart from the model:
    uint8 pixels resized and cropped like open_clip's ``preprocess`` (see
    :mod:`laion_ray.preprocess`). Its identity holds only the geometry, not the
    model, so two CLIP UDFs with the same image size in one run decode once.
-2. ``clip-embed`` (actor; one GPU, or one CPU): normalises the pixels on the
+2. ``clip-embed`` (actor; one GPU when the cluster has GPUs, else one CPU; the
+   pool is sized from the cluster by :mod:`laion_ray.cluster`): normalises the pixels on the
    model's device and writes L2-normalised float32 embeddings, and optionally
    caption embeddings.
 
@@ -156,6 +157,12 @@ class ClipEmbed:
     ) -> None:
         import torch
 
+        from laion_ray.cluster import actor_device
+
+        # Decided here, on the worker: the driver's hardware says nothing about it.
+        device = actor_device(device)
+        if device == "cpu" and precision == "fp16":  # a GPU actor that fell back
+            precision = None
         self.net, _, self.tokenizer, self.info = load_clip(
             model,
             pretrained=pretrained,
@@ -213,20 +220,6 @@ class ClipEmbed:
         return pa.table(columns)
 
 
-def _model_resources(device: str | None) -> tuple[str, dict[str, Any]]:
-    """Device to plan for, and the actor resources that go with it."""
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        gpus = max(1, torch.cuda.device_count())
-        return device, {"num_gpus": 1.0, "num_cpus": 1.0, "concurrency": (1, gpus)}
-    # One actor using the node's torch threads; fractional CPUs so read and decode
-    # tasks still get scheduled on a small node.
-    return device, {"num_gpus": 0.0, "num_cpus": 1.0, "concurrency": 1}
-
-
 def check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise LaionRayError(f"{what} must be a non-empty column name, got {value!r}")
@@ -262,12 +255,15 @@ def make_clip_embed(
             overwrites LAION's column in place).
         captions: Also embed ``caption`` into ``caption_column``.
         caption_column: Default ``caption_emb_<model>``.
-        batch_size: Rows per model call; default 256 on CUDA, 32 on CPU.
-        device: ``cpu``/``cuda``; default CUDA when the driver sees one.
-        precision: Autocast dtype ``fp32``/``fp16``/``bf16``; default fp16 on CUDA.
+        batch_size: Rows per model call; default 32 with ``device="cpu"``, else 256.
+        device: ``cpu``/``cuda``; default: each actor uses the GPU Ray gave it,
+            the CPU otherwise (see :func:`laion_ray.cluster.actor_device`).
+        precision: Autocast dtype ``fp32``/``fp16``/``bf16``; default fp16 on
+            CUDA, fp32 on CPU (also for a GPU actor that fell back to the CPU).
         seed: Seed of random weights.
         num_threads: torch threads per CPU actor.
-        **resources: Overrides for the model stage (``num_cpus``, ``concurrency``...).
+        **resources: Overrides for the model stage (``num_cpus``, ``num_gpus``,
+            ``concurrency``...); by default the planner sizes them from the cluster.
 
     Returns:
         ``[clip-preprocess, clip-embed]``.
@@ -287,10 +283,11 @@ def make_clip_embed(
         )
         if caption_column == column:
             raise LaionRayError(f"caption_column and column are both {column!r}")
-    device, model_resources = _model_resources(device)
-    resolve_precision(precision, device)
+    if device is not None and device != "cpu" and not device.startswith("cuda"):
+        raise LaionRayError(f"device must be cpu or cuda, got {device!r}")
+    resolve_precision(precision, device or "cuda")
     if batch_size is None:
-        batch_size = 256 if device.startswith("cuda") else 32
+        batch_size = 32 if device == "cpu" else 256
     if not isinstance(batch_size, int) or batch_size < 1:
         raise LaionRayError(f"batch_size must be a positive integer, got {batch_size!r}")
 
@@ -323,6 +320,6 @@ def make_clip_embed(
         params=params,
         batch_size=batch_size,
         row_errors=(),  # pixels of a decoded image always embed: any exception is systemic
-        **model_resources,
+        num_cpus=1.0,
     ).with_options(**resources)
     return [preprocess_stage(spec), embed]

@@ -66,12 +66,15 @@ class ClipModeration:
     ) -> None:
         import torch
 
+        from laion_ray.cluster import actor_device
+
+        self.device = actor_device(device)  # the GPU Ray gave this actor, else the CPU
         net, _, tokenizer, info = load_clip(
             model,
             pretrained=pretrained,
             checkpoint=checkpoint,
             allow_random=random_weights,
-            device=device or "cpu",
+            device=self.device,
             precision="fp32",
             seed=seed,
         )
@@ -195,7 +198,10 @@ def make_moderation_clip(
         use_nsfw_flag: Rows whose ``NSFW`` flag is set (``>= nsfw_threshold``, or
             the string ``"NSFW"``) get ``nsfw_label`` whatever the cosines say.
         nsfw_label: The label forced by the flag; must be one of ``prompts``.
-        device: Device that embeds the prompts (default CPU: a handful of texts).
+        device: Device that embeds the prompts (default: the actor's GPU if Ray
+            gave it one, else the CPU). Like every class UDF, the actor pool
+            is sized from the cluster (:mod:`laion_ray.cluster`); pass
+            ``num_gpus=0`` to keep it off the GPUs.
 
     Returns:
         ``[moderation-clip]``.
@@ -239,7 +245,6 @@ def make_moderation_clip(
             params=params,
             num_cpus=0.5,
             batch_size=batch_size,
-            concurrency=1,
             row_errors=(),  # null embeddings give null labels: any exception is a bug
         ).with_options(**resources)
     ]

@@ -1,0 +1,472 @@
+"""Cluster-shaped resource planning, and a record of what ran where.
+
+Resources come from the cluster, never from the driver's own hardware: under
+``ray job submit`` the driver runs on a head node that usually has no GPU and
+no CPUs for work. Capacity is what the cluster has now (``ray.cluster_resources``)
+or, where larger, what the autoscaler can still add: the maximum over its node
+types, as the autoscaler publishes them to the GCS (the same source Ray Data's
+own autoscaling uses; a cluster without an autoscaler has none, and then the
+current resources are the capacity).
+
+The plan, per stage of a backfill:
+
+- **Model stages** (every class UDF, built-in or user-written) get one GPU per
+  actor whenever the cluster has or can add GPUs, and an actor pool of
+  ``(1, GPU capacity)``. On a CPU-only cluster the pool scales with the CPUs:
+  ``(1, CPU_MODEL_SHARE * CPUs)``, one actor per CPU. The device is picked
+  inside the actor (:func:`actor_device`): an actor that got a GPU but finds no
+  CUDA device falls back to the CPU with one warning.
+- **Decode and other function stages** run as tasks up to the cluster's CPUs.
+  When the model runs on GPUs, the job's CPU budget is capped at the model
+  actors' own CPUs plus ``DECODE_CPUS_PER_GPU`` per GPU, so an autoscaling
+  cluster is not asked for CPU nodes the GPUs cannot keep up with.
+- Overrides: ``gpus`` (``0`` forces CPU actors), ``max_actors``, ``device`` and
+  ``decode_cpus``; an explicit ``concurrency`` of a UDF is kept as given.
+
+What actually ran where (nodes, peak actors, each actor's device) is collected
+by a small named actor, :class:`PlacementLog`: every model actor reports once at
+start, every task worker process once per stage, so it holds O(actors + nodes)
+entries, never O(rows or units).
+
+Examples:
+    >>> cap = Capacity(cpus=96, gpus=8)
+    >>> cap.worker_count()
+    96
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from laion_ray.errors import LaionRayError
+from laion_ray.udf import UDF
+
+log = logging.getLogger(__name__)
+
+# Decode CPUs to plan per GPU. From benchmarks/RESULTS.md: the fast decode path
+# does ~1,640 img/s per core on 384 px JPEGs; LAION's images average about twice
+# the pixels, so ~800 img/s per core. A ViT-B-32 in fp16 on one A10G-class GPU is
+# taken as ~3,000 img/s (not yet measured here: no GPU was lent), hence ~4 cores
+# per GPU. Override with ``decode_cpus`` / ``--decode-cpus``.
+DECODE_CPUS_PER_GPU = 4.0
+# Share of a CPU-only cluster's CPUs given to model actors (one actor per CPU);
+# the rest is left to reads, decode and checkpoint writes. A CPU model is ~100x
+# slower than its decode, so the model gets most of the CPUs.
+CPU_MODEL_SHARE = 0.75
+PLACEMENT_NAMESPACE = "laion-ray"
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    """What the cluster has, or can autoscale to.
+
+    Attributes:
+        cpus, gpus: Logical CPUs and GPUs, the larger of now and the
+            autoscaler's maximum.
+        cpus_now, gpus_now: What the alive nodes have now (None: same as above).
+        nodes: Alive nodes now.
+        autoscaler: Whether the autoscaler's node types were counted.
+    """
+
+    cpus: float
+    gpus: float = 0.0
+    cpus_now: float | None = None
+    gpus_now: float | None = None
+    nodes: int = 1
+    autoscaler: bool = False
+
+    @classmethod
+    def of(
+        cls, now: Mapping[str, float], most: Mapping[str, float] | None = None, nodes: int = 1
+    ) -> Capacity:
+        """Combine current resources with the autoscaler's maxima (if any)."""
+        most = most or {}
+        cpus_now, gpus_now = float(now.get("CPU", 0)), float(now.get("GPU", 0))
+        return cls(
+            cpus=max(cpus_now, float(most.get("CPU", 0))),
+            gpus=max(gpus_now, float(most.get("GPU", 0))),
+            cpus_now=cpus_now,
+            gpus_now=gpus_now,
+            nodes=nodes,
+            autoscaler=bool(most),
+        )
+
+    def worker_count(self, workers: int | None = None) -> int:
+        """Parallel CPU tasks to split work into: ``workers``, else one per CPU.
+
+        A cluster that shows 0 CPUs now (a 0-CPU head before the autoscaler
+        added workers, without node types to read) still gets one.
+        """
+        return workers or max(1, int(self.cpus))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """Max resources over the autoscaler's node types, or None without an autoscaler.
+
+    Ray-internal API (``ray._private.state``), best effort: Ray Data reads the
+    same. Any failure means "no autoscaler information".
+    """
+    try:
+        import ray._private.state
+
+        most = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception as exc:  # internal API: absent or changed in this Ray
+        log.debug("no autoscaler node types: %s", exc)
+        return None
+    # Unbounded node types report sys.maxsize: keep it finite for sizing.
+    return {k: float(min(v, 1_000_000)) for k, v in (most or {}).items()} or None
+
+
+def cluster_capacity() -> Capacity:
+    """The connected cluster's capacity (Ray must be initialised)."""
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return Capacity.of(ray.cluster_resources(), autoscaler_max_resources(), nodes)
+
+
+# --- planning -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Overrides:
+    """Explicit choices that beat the cluster's shape.
+
+    Attributes:
+        gpus: GPUs for each model stage's pool; ``0`` runs model actors on CPUs.
+        max_actors: Upper bound of each model stage's pool.
+        device: ``cpu`` or ``cuda`` for every model stage.
+        decode_cpus: CPU budget of the decode and other task stages.
+    """
+
+    gpus: int | None = None
+    max_actors: int | None = None
+    device: str | None = None
+    decode_cpus: float | None = None
+
+    def validate(self) -> Overrides:
+        for name in ("gpus", "max_actors", "decode_cpus"):
+            value = getattr(self, name)
+            low = 0 if name == "gpus" else 1
+            if value is not None and (not isinstance(value, int | float) or value < low):
+                flag = "--" + name.replace("_", "-")
+                raise LaionRayError(f"{flag} must be a number >= {low}, got {value!r}")
+        if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise LaionRayError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cpu" and self.gpus:
+            raise LaionRayError(f"--device cpu contradicts --gpus {self.gpus}")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Stages with their resources decided, and the job's CPU budget (None: no cap)."""
+
+    stages: list[UDF]
+    cpu_limit: float | None
+    capacity: Capacity
+    decode_cpus: float | None
+
+
+def _wants_gpu(stage: UDF, capacity: Capacity, overrides: Overrides) -> bool:
+    device = overrides.device or stage.params.get("device")
+    if overrides.gpus == 0 or device == "cpu" or stage.num_gpus == 0:
+        return False
+    explicit = bool(overrides.gpus or stage.num_gpus or (device or "").startswith("cuda"))
+    return explicit or capacity.gpus >= 1
+
+
+def plan_stages(stages: Sequence[UDF], capacity: Capacity, overrides: Overrides) -> Plan:
+    """Resources of every stage from the cluster's shape and the overrides.
+
+    Returns:
+        A :class:`Plan`; function stages keep their per-task resources.
+    """
+    overrides.validate()
+    planned, gpu_actors, actor_cpus = [], 0.0, 0.0
+    # Present capacity is shared out as each pool's initial size: nodes that are
+    # up are paid for, and loading a model is slow, so they all start at once.
+    pools = max(1, sum(1 for s in stages if s.is_actor and s.concurrency is None))
+    gpus_now = capacity.gpus if capacity.gpus_now is None else capacity.gpus_now
+    cpus_now = capacity.cpus if capacity.cpus_now is None else capacity.cpus_now
+    for stage in stages:
+        if not stage.is_actor:
+            planned.append(stage.with_options(num_gpus=stage.num_gpus or 0.0))
+            continue
+        changes: dict[str, Any] = {}
+        if overrides.device and "device" in stage.params:
+            changes["params"] = {"device": overrides.device}
+        if _wants_gpu(stage, capacity, overrides):
+            per_actor = stage.num_gpus or 1.0
+            most = overrides.gpus or math.floor(capacity.gpus / per_actor)
+            present = math.floor(gpus_now / per_actor)
+        else:
+            per_actor = 0.0
+            most = math.floor(capacity.cpus * CPU_MODEL_SHARE)
+            present = math.floor(cpus_now * CPU_MODEL_SHARE)
+        most = max(1, overrides.max_actors or most)
+        initial = min(most, max(1, present // pools))
+        pool = stage.concurrency or ((1, most, initial) if most > 1 else 1)
+        top = pool if isinstance(pool, int) else pool[1]
+        gpu_actors += top * per_actor
+        actor_cpus += top * stage.num_cpus
+        planned.append(stage.with_options(num_gpus=per_actor, concurrency=pool, **changes))
+    decode_cpus = overrides.decode_cpus
+    if decode_cpus is None and gpu_actors:
+        decode_cpus = min(capacity.cpus, DECODE_CPUS_PER_GPU * gpu_actors) or None
+    cpu_limit = None
+    if decode_cpus is not None:
+        # Ray Data's CPU budget for the whole pipeline: reads, decode and
+        # checkpoint writes share ``decode_cpus``; the model actors keep theirs.
+        cpu_limit = decode_cpus + actor_cpus
+    return Plan(planned, cpu_limit, capacity, decode_cpus)
+
+
+def describe_plan(plan: Plan) -> list[dict[str, Any]]:
+    """Requested resources per actor or task of every stage, for the report."""
+    out = []
+    for stage in plan.stages:
+        entry: dict[str, Any] = {
+            "stage": stage.name,
+            "kind": "actors" if stage.is_actor else "tasks",
+            "num_cpus": stage.num_cpus,
+            "num_gpus": stage.num_gpus or 0.0,
+        }
+        if stage.is_actor:
+            pool = stage.concurrency
+            entry["pool"] = list(pool[:2]) if isinstance(pool, tuple) else [pool, pool]
+        elif plan.decode_cpus is not None:
+            entry["cpu_budget"] = plan.decode_cpus
+        out.append(entry)
+    return out
+
+
+# --- the device, inside an actor ------------------------------------------------------
+
+_fallback_warned = False
+
+
+def assigned_gpus() -> list | None:
+    """GPU ids Ray gave this worker; None outside a Ray worker."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        return list(ray.get_gpu_ids())
+    except Exception:  # not a worker (a driver): no assignment
+        return None
+
+
+def actor_device(requested: str | None = None) -> str:
+    """The device a model should use, decided where it runs.
+
+    In a Ray worker: CUDA when Ray assigned a GPU (or ``cuda`` was requested)
+    and torch sees one; a GPU assignment without a CUDA device falls back to
+    the CPU with one warning per process. Outside Ray: this process's own
+    hardware. ``cpu`` is always honoured.
+
+    Raises:
+        LaionRayError: ``cuda`` requested outside Ray where there is no CUDA.
+    """
+    global _fallback_warned
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    cuda = torch.cuda.is_available()
+    gpus = assigned_gpus()
+    if gpus is None:
+        if requested and not cuda:
+            raise LaionRayError(f"device {requested!r} requested but CUDA is not available")
+        return requested or ("cuda" if cuda else "cpu")
+    if not gpus and not requested:
+        return "cpu"
+    if cuda:
+        return requested or "cuda"
+    if not _fallback_warned:
+        _fallback_warned = True
+        log.warning(
+            "this actor got GPU resource(s) %s but finds no CUDA device: running on the CPU", gpus
+        )
+    return "cpu"
+
+
+# --- what ran where -------------------------------------------------------------------
+
+
+class PlacementLog:
+    """Named Ray actor: each model actor's node and device, and task nodes per stage."""
+
+    def __init__(self) -> None:
+        self.actors: dict[str, dict[str, Any]] = {}  # actor id -> facts
+        self.task_nodes: dict[str, set[str]] = {}
+        self.peak: dict[str, int] = {}
+
+    def actor_started(self, stage: str, actor_id: str, facts: dict[str, Any]) -> None:
+        self.actors[actor_id] = {"stage": stage, **facts}
+        alive = sum(
+            1
+            for aid, a in self.actors.items()
+            if a["stage"] == stage and (aid == actor_id or _alive(aid))
+        )
+        self.peak[stage] = max(self.peak.get(stage, 0), alive)
+
+    def task_ran(self, stage: str, node: str) -> None:
+        self.task_nodes.setdefault(stage, set()).add(node)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "actors": dict(self.actors),
+            "task_nodes": {s: sorted(n) for s, n in self.task_nodes.items()},
+            "peak": dict(self.peak),
+        }
+
+
+def _alive(actor_id: str) -> bool:
+    """Whether an actor is not dead, from the GCS actor table (Ray-internal, best effort)."""
+    try:
+        import ray._private.state
+
+        info = ray._private.state.state.actor_table(actor_id)
+        return info.get("State") != "DEAD"
+    except Exception:
+        return True
+
+
+def start_placement_log() -> tuple[str, Any]:
+    """Create this run's :class:`PlacementLog` actor; returns its name and handle.
+
+    The caller keeps the handle: the actor lives as long as it is referenced.
+    """
+    import ray
+
+    name = f"placement-{uuid.uuid4().hex[:12]}"
+    handle = (
+        ray.remote(num_cpus=0)(PlacementLog)
+        .options(name=name, namespace=PLACEMENT_NAMESPACE, max_restarts=0)
+        .remote()
+    )
+    ray.get(handle.__ray_ready__.remote())  # named before any stage looks it up
+    return name, handle
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def record_actor(placement: str, stage: UDF, instance: Any) -> None:
+    """Called once by a model actor after building its UDF: node, device, GPUs.
+
+    Informational: a failure is logged, never raised.
+    """
+    try:
+        _record_actor(placement, stage, instance)
+    except Exception as exc:
+        log.warning("could not record the placement of a %s actor: %s", stage.name, exc)
+
+
+def _record_actor(placement: str, stage: UDF, instance: Any) -> None:
+    import ray
+
+    gpus = assigned_gpus() or []
+    device = getattr(instance, "device", None)
+    facts = {
+        "node": _node_id(),
+        "device": str(device) if device is not None else ("gpu" if gpus else "cpu"),
+        "gpu_ids": [str(g) for g in gpus],
+    }
+    facts["cpu_fallback"] = bool(gpus) and facts["device"] == "cpu"
+    handle = ray.get_actor(placement, namespace=PLACEMENT_NAMESPACE)
+    actor_id = ray.get_runtime_context().get_actor_id() or uuid.uuid4().hex
+    ray.get(handle.actor_started.remote(stage.name, actor_id, facts))
+
+
+_tasks_recorded: set[tuple[str, str]] = set()
+
+
+def record_task(placement: str, stage_names: Sequence[str]) -> None:
+    """Called by task stages; reports each (stage, node) once per worker process.
+
+    Informational: a failure is logged, never raised.
+    """
+    try:
+        _record_task(placement, stage_names)
+    except Exception as exc:
+        log.warning("could not record where %s ran: %s", ", ".join(stage_names), exc)
+
+
+def _record_task(placement: str, stage_names: Sequence[str]) -> None:
+    import ray
+
+    node = _node_id()
+    todo = [s for s in stage_names if (placement + s, node) not in _tasks_recorded]
+    if not todo:
+        return
+    handle = ray.get_actor(placement, namespace=PLACEMENT_NAMESPACE)
+    ray.get([handle.task_ran.remote(s, node) for s in todo])
+    _tasks_recorded.update((placement + s, node) for s in todo)
+
+
+def placement_report(plan: Plan, placement: str) -> list[dict[str, Any]]:
+    """Planned resources joined with what ran where, one dict per stage."""
+    import ray
+
+    try:
+        handle = ray.get_actor(placement, namespace=PLACEMENT_NAMESPACE)
+        seen = ray.get(handle.snapshot.remote(), timeout=30)
+    except Exception as exc:  # the log is informational: never fail a job on it
+        log.debug("placement log unavailable: %s", exc)
+        seen = {"actors": {}, "task_nodes": {}, "peak": {}}
+    out = []
+    for entry in describe_plan(plan):
+        name = entry["stage"]
+        if entry["kind"] == "actors":
+            actors = [a for a in seen["actors"].values() if a["stage"] == name]
+            devices: dict[str, int] = {}
+            for a in actors:
+                devices[a["device"]] = devices.get(a["device"], 0) + 1
+            entry.update(
+                actors_started=len(actors),
+                peak_actors=seen["peak"].get(name, 0),
+                nodes=sorted({a["node"] for a in actors}),
+                devices=devices,
+                cpu_fallback=sum(a["cpu_fallback"] for a in actors),
+            )
+        else:
+            entry["nodes"] = seen["task_nodes"].get(name, [])
+        out.append(entry)
+    return out
+
+
+def format_stages(stages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per stage: what it asked for and where it ran."""
+    lines = []
+    for s in stages:
+        ask = f"{s['num_cpus']:g} CPU" + (f" + {s['num_gpus']:g} GPU" if s["num_gpus"] else "")
+        nodes = s.get("nodes", [])
+        where = f"on {len(nodes)} node(s) {','.join(n[:8] for n in nodes)}, " if nodes else ""
+        if s["kind"] == "actors":
+            devices = ", ".join(f"{d} x{n}" for d, n in sorted(s.get("devices", {}).items()))
+            peak = f"{s['peak_actors']} actor(s) at peak " if "peak_actors" in s else "actors "
+            line = (
+                f"  {s['stage']}: {peak}(pool {s['pool'][0]}..{s['pool'][1]}), {ask} each, "
+                f"{where}" + (f"device {devices}" if devices else "")
+            ).rstrip(", ")
+            if s.get("cpu_fallback"):
+                line += f" ({s['cpu_fallback']} got a GPU but no CUDA device: ran on CPU)"
+        else:
+            budget = f", {s['cpu_budget']:g} CPUs budget" if "cpu_budget" in s else ""
+            line = f"  {s['stage']}: tasks, {ask} each{budget}, {where}".rstrip(", ")
+        lines.append(line.rstrip())
+    return lines
