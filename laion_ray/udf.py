@@ -52,6 +52,11 @@ class UDF:
             tasks from starving on small machines.
         batch_size: Rows per call.
         concurrency: Actor-pool size (``int`` or ``(min, max)``); tasks ignore it.
+        validate: Optional plan-time check of the input fields as the stage will
+            get them (type, and producer metadata: the dataset's, or the key of
+            the stage that makes the column earlier in the run); raises
+            ``LaionRayError`` before any work, e.g. on an embedding made by
+            another model. Not part of the key.
     """
 
     name: str
@@ -64,6 +69,7 @@ class UDF:
     num_gpus: float = 0.0
     batch_size: int = 4096
     concurrency: int | tuple[int, int] | None = None
+    validate: Callable[[pa.Schema], None] | None = None
 
     @property
     def is_actor(self) -> bool:
@@ -82,6 +88,23 @@ class UDF:
         """Identity of the computation: name, version and parameters."""
         params = json.dumps(dict(self.params), sort_keys=True, default=str)
         return f"{self.name}@{self.version}:{params}"
+
+    @staticmethod
+    def parse_key(key: str) -> tuple[str, str, dict[str, Any]]:
+        """``name@version:{params}`` (see :attr:`key`) -> ``(name, version, params)``.
+
+        Raises:
+            LaionRayError: ``key`` is not a UDF key.
+        """
+        head, colon, params = key.partition(":")
+        name, at, version = head.partition("@")
+        try:
+            parsed = json.loads(params) if colon and at else None
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise LaionRayError(f"not a laion-ray UDF key: {key[:200]!r}")
+        return name, version, parsed
 
     def with_options(self, **changes: Any) -> UDF:
         """Copy with other resources or parameters (``params`` are merged)."""
