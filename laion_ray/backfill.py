@@ -46,6 +46,10 @@ def resolve_stages(
     dupes = sorted({c for c in outputs if outputs.count(c) > 1})
     if dupes:
         raise LaionRayError(f"several UDFs write the same column(s): {', '.join(dupes)}")
+    names = [s.name for s in stages]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:  # a stage's name owns its error column
+        raise LaionRayError(f"several different stages are named {', '.join(dupes)}")
     return stages
 
 

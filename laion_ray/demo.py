@@ -31,7 +31,8 @@ def _step(lines: list[str], title: str, fn: Callable[[], str]) -> None:
 def run_demo(
     directory: str = "./laion-ray-demo", *, rows: int = 1000, address: str | None = None
 ) -> list[str]:
-    """Generate a sample and run sample -> backfill -> re-embed -> merge -> reindex -> search.
+    """Generate a sample and run sample -> backfill -> re-embed + CLIP score -> aesthetic and
+    NSFW heads -> merge -> reindex -> search.
 
     Returns the printed account, one line per step.
     """
@@ -64,31 +65,47 @@ def run_demo(
         return f"aspect_ratio, is_high_res, moderation_label: {report.rows_processed} rows"
 
     def embed() -> str:
+        model = {"model": DEMO_MODEL, "random_weights": True}
         report = backfill(
             uri,
-            udfs=["clip-embed", "moderation-clip"],
+            udfs=["clip-embed", "moderation-clip", "clip-score"],
             udf_params={
-                "clip-embed": {"model": DEMO_MODEL, "random_weights": True},
-                "moderation-clip": {"model": DEMO_MODEL, "random_weights": True},
+                "clip-embed": model,
+                "moderation-clip": model,
+                # A new column: the card's `similarity` stays (--overwrite replaces it).
+                "clip-score": {**model, "column": "clip_score"},
             },
             max_error_fraction=0.05,
             address=address,
         )
         return (
             f"{DEMO_MODEL} with RANDOM WEIGHTS (demo only, embeddings carry no meaning): "
-            f"{report.rows_processed} rows, {report.rows_failed} bad images -> null + error record"
+            f"{report.rows_processed} rows, {report.rows_failed} bad images -> null + error "
+            "record; clip_score from the same pass (each image decoded once)"
+        )
+
+    def heads() -> str:
+        from laion_ray.udfs.embedding_head import make_embedding_head
+
+        # Over the card's stored 768-d img_emb: no image decode at all.
+        udfs = [
+            *make_embedding_head(preset="aesthetic", random_weights=True),
+            *make_embedding_head(preset="nsfw", random_weights=True),
+        ]
+        report = backfill(uri, udfs=udfs, address=address)
+        return (
+            f"aesthetic_score, nsfw_score over img_emb with RANDOM WEIGHTS (demo only; pass "
+            f"weights=LAION's .pth): {report.rows_processed} rows"
         )
 
     def labels() -> str:
         rng = np.random.default_rng(0)
         keys = np.arange(0, rows + rows // 10, dtype=np.int64)  # some keys match no row
         path = os.path.join(directory, "labels.parquet")
-        pq.write_table(
-            pa.table({"key": keys, "aesthetic_score": rng.uniform(3, 9, len(keys))}), path
-        )
+        pq.write_table(pa.table({"key": keys, "rating": rng.uniform(3, 9, len(keys))}), path)
         report = merge(uri, source=path, on="key", address=address)
         return (
-            f"aesthetic_score from labels.parquet: {report.matched_keys} keys matched, "
+            f"rating from labels.parquet: {report.matched_keys} keys matched, "
             f"{report.unmatched_keys} label keys not in the dataset"
         )
 
@@ -109,6 +126,7 @@ def run_demo(
     _step(lines, "sample", make_sample)
     _step(lines, "backfill aspect-ratio + rules", rules)
     _step(lines, "re-embed clip + zero-shot labels", embed)
+    _step(lines, "aesthetic + NSFW heads", heads)
     _step(lines, "merge labels on key", labels)
     _step(lines, "rebuild IVF_PQ index", index)
     _step(lines, "ANN search", query)

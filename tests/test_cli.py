@@ -105,14 +105,28 @@ def test_demo_runs_every_step_on_local_ray_and_says_its_weights_are_random(
     directory = tmp_path / "demo"
     assert main(["demo", "--dir", str(directory), "--rows", "600"]) == 0
     out = capsys.readouterr().out
-    for step in ("sample", "backfill", "re-embed", "merge labels", "IVF_PQ", "ANN search"):
+    for step in ("sample", "backfill", "re-embed", "heads", "merge labels", "IVF_PQ", "ANN search"):
         assert step in out, step
     assert "RANDOM WEIGHTS" in out
     ds = lance.dataset(str(directory / "laion.lance"))
-    table = ds.to_table(columns=["aspect_ratio", "moderation_label", "img_emb", "aesthetic_score"])
+    table = ds.to_table(
+        columns=[
+            "aspect_ratio",
+            "moderation_label",
+            "img_emb",
+            "rating",
+            "clip_score",
+            "aesthetic_score",
+            "nsfw_score",
+        ]
+    )
     assert table.num_rows == 600
     assert table["moderation_label"].null_count == 0
-    assert table["aesthetic_score"].null_count == 0  # every key has a label
+    assert table["rating"].null_count == 0  # every key has a label
+    assert table["aesthetic_score"].null_count == table["img_emb"].null_count
+    assert table["clip_score"].null_count < 600 * 0.05  # bad images have no score
+    nsfw = table["nsfw_score"].to_numpy(zero_copy_only=False)
+    assert nsfw.min() >= 0 and nsfw.max() <= 1
     assert table["img_emb"].null_count < 600 * 0.05  # only the injected bad images
     assert [i["name"] for i in ds.list_indices()] == ["img_emb_idx"]
     assert "rules-v1" in ds.tags.list()

@@ -122,6 +122,18 @@ def test_head_equals_the_torch_module_in_process(tmp_path, preset, module, suffi
         assert got.min() >= 0 and got.max() <= 1
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset,module", [("aesthetic", aesthetic_module), ("nsfw", NsfwModule)])
+def test_head_on_cuda_equals_the_torch_module(tmp_path, preset, module):
+    net = module()
+    path = save(net, tmp_path / "head.pth")
+    (stage,) = resolve("embedding-head", preset=preset, weights=path, device="cuda")
+    assert stage.num_gpus == 1
+    emb = embeddings(1000)
+    got = stage.instantiate()(pa.table({"img_emb": emb})).column(0).to_numpy()
+    np.testing.assert_allclose(got, reference(net, as_matrix(emb)), rtol=1e-3, atol=1e-5)
+
+
 def test_layer_order_follows_names_not_text_order(tmp_path):
     """safetensors sorts keys as text: layers.10 must still come after layers.2."""
     torch.manual_seed(1)

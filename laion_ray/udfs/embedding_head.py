@@ -42,6 +42,7 @@ import hashlib
 import logging
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,6 +60,9 @@ ACTIVATIONS = ("none", "relu", "gelu")
 # LAION's Normalization divides by sqrt(variance) + 1e-10; the floor keeps a
 # zero variance from dividing by zero the same way.
 _MIN_STD = 1e-10
+# Rows per forward pass of an unfolded head: bounds the hidden activations
+# (16k rows x 512 floats = 32 MB) whatever the batch size.
+_CHUNK_ROWS = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +269,8 @@ class Head:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if not len(x):
+            return np.zeros(0, dtype=np.float32)
         if self.module is None:
             out = (x @ self.a)[:, 0]
             if self.normalize:
@@ -276,18 +282,24 @@ class Head:
             return out.astype(np.float32, copy=False)
         import torch
 
-        if not x.flags.writeable:
-            x = x.copy()  # torch wants writable memory (Arrow buffers are read-only)
-        with torch.inference_mode():
-            t = torch.from_numpy(x).to(self.device, non_blocking=True)
-            if self.normalize:
-                t = torch.nn.functional.normalize(t, dim=-1)
-            if self.mean is not None:
-                t = (t - self.mean) / self.std
-            t = self.module(t)
-            if self.sigmoid:
-                t = torch.sigmoid(t)
-            return t[:, 0].float().cpu().numpy()
+        with warnings.catch_warnings(), torch.inference_mode():
+            # Arrow's buffers are read-only; nothing below writes into the input.
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            x = torch.from_numpy(x)
+            return np.concatenate([self._forward(c) for c in x.split(_CHUNK_ROWS)])
+
+    def _forward(self, x: Any) -> np.ndarray:
+        import torch
+
+        t = x.to(self.device, non_blocking=True)
+        if self.normalize:
+            t = torch.nn.functional.normalize(t, dim=-1)
+        if self.mean is not None:
+            t = (t - self.mean) / self.std
+        t = self.module(t)
+        if self.sigmoid:
+            t = torch.sigmoid(t)
+        return t[:, 0].float().cpu().numpy()
 
 
 @functools.lru_cache(maxsize=4)
@@ -412,7 +424,7 @@ def make_embedding_head(
         **resources: Overrides for the stage (``num_cpus``...).
 
     Returns:
-        ``[embedding-head]``.
+        ``[embedding-head-<column>]``.
 
     Raises:
         LaionRayError: an unknown preset or activation, unreadable or unusable
@@ -474,7 +486,9 @@ def make_embedding_head(
     }
     return [
         UDF(
-            name="embedding-head",
+            # Named by its column, so several heads fit in one run (each stage
+            # name owns an error column).
+            name=f"embedding-head-{column}",
             version="1",
             inputs=(embedding_column,),
             output_schema=pa.schema([pa.field(column, pa.float32())]),
