@@ -230,7 +230,9 @@ def _with_metadata(table: pa.Table, column: str, key: str | None) -> pa.Table:
 def test_clip_score_refuses_embeddings_of_another_model(tmp_path):
     """Checked when the job is planned: nothing runs, no Ray is needed."""
     emb = embeddings(4, width=384)
-    base = pa.table({"key": pa.array(range(4), pa.int64()), "caption": ["x"] * 4})
+    base = pa.table(
+        {"key": pa.array(range(4), pa.int64()), "image": [b"jpeg"] * 4, "caption": ["x"] * 4}
+    )
     other_seed = resolve_stages(["clip-embed"], params={"clip-embed": {**MODEL, "seed": 1}})[1]
     cases = {
         "no laion-ray producer metadata": None,
@@ -243,6 +245,14 @@ def test_clip_score_refuses_embeddings_of_another_model(tmp_path):
         )
         with pytest.raises(LaionRayError, match=message):
             backfill(uri, udfs=["clip-score"], udf_params={"clip-score": MODEL})
+    # In one pass too: the column another model's clip-embed makes in the run.
+    with pytest.raises(LaionRayError, match="was made by clip-embed with .*seed=0, not by"):
+        backfill(
+            uri,
+            udfs=["clip-embed", "clip-score"],
+            udf_params={"clip-embed": MODEL, "clip-score": {**MODEL, "seed": 1}},
+            overwrite=True,
+        )
     uri = str(tmp_path / "card.lance")  # the card's own 768-d img_emb
     lance.write_dataset(base.append_column("img_emb", embeddings(4)), uri)
     with pytest.raises(LaionRayError, match="'img_emb' holds 768-d embeddings but ViT-S-32"):
