@@ -246,34 +246,36 @@ def main() -> None:
     parser.add_argument("--clip-rows", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-clip", action="store_true")
+    parser.add_argument("--skip-head", action="store_true")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="bench-scores-")
     try:
-        core = bench_head_per_core(min(args.head_rows, 100_000), args.repeats, workdir)
-        print(
-            f"head per core (aesthetic): laion-ray embedding-head {core['aesthetic_udf']:,.0f} "
-            f"rows/s/core, bare torch module {core['aesthetic_torch']:,.0f} rows/s/core "
-            f"(ratio {core['aesthetic_udf'] / core['aesthetic_torch']:.1f}); target >= 200,000"
-        )
-        print(
-            f"head per core (nsfw): laion-ray embedding-head {core['nsfw_udf']:,.0f} rows/s/core, "
-            f"bare torch module {core['nsfw_torch']:,.0f} rows/s/core "
-            f"(ratio {core['nsfw_udf'] / core['nsfw_torch']:.2f})"
-        )
-        e2e = bench_head_end_to_end(args.head_rows, args.repeats, workdir)
-        for name, r in e2e.items():
-            folded = (
-                f"; bare loop with laion-ray's folded head {r['folded']:,.0f} rows/s -> "
-                f"laion-ray / folded loop = {r['laion_ray'] / r['folded']:.2f}"
-                if "folded" in r
-                else ""
+        if not args.skip_head:
+            core = bench_head_per_core(min(args.head_rows, 100_000), args.repeats, workdir)
+            print(
+                f"head per core (aesthetic): laion-ray embedding-head {core['aesthetic_udf']:,.0f} "
+                f"rows/s/core, bare torch module {core['aesthetic_torch']:,.0f} rows/s/core "
+                f"(ratio {core['aesthetic_udf'] / core['aesthetic_torch']:.1f}); target >= 200,000"
             )
             print(
-                f"head end-to-end {name} ({args.head_rows:,} rows, {r['executor']} executor): "
-                f"laion-ray backfill {r['laion_ray']:,.0f} rows/s, bare torch loop "
-                f"{r['torch']:,.0f} rows/s -> laion-ray / torch = "
-                f"{r['laion_ray'] / r['torch']:.2f} (target >= 0.8){folded}"
+                f"head per core (nsfw): laion-ray embedding-head {core['nsfw_udf']:,.0f} rows/s/core, "
+                f"bare torch module {core['nsfw_torch']:,.0f} rows/s/core "
+                f"(ratio {core['nsfw_udf'] / core['nsfw_torch']:.2f})"
             )
+            e2e = bench_head_end_to_end(args.head_rows, args.repeats, workdir)
+            for name, r in e2e.items():
+                folded = (
+                    f"; bare loop with laion-ray's folded head {r['folded']:,.0f} rows/s -> "
+                    f"laion-ray / folded loop = {r['laion_ray'] / r['folded']:.2f}"
+                    if "folded" in r
+                    else ""
+                )
+                print(
+                    f"head end-to-end {name} ({args.head_rows:,} rows, {r['executor']} executor): "
+                    f"laion-ray backfill {r['laion_ray']:,.0f} rows/s, bare torch loop "
+                    f"{r['torch']:,.0f} rows/s -> laion-ray / torch = "
+                    f"{r['laion_ray'] / r['torch']:.2f} (target >= 0.8){folded}"
+                )
         if not args.skip_clip:
             clip = bench_clip_score(args.clip_rows, args.repeats, workdir)
             print(

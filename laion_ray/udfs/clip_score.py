@@ -214,6 +214,11 @@ def make_clip_score(
     if column in (embedding_column, caption_column):
         raise LaionRayError(f"clip-score would overwrite its own input {column!r}")
     device, model_resources = _model_resources(device)
+    if not device.startswith("cuda"):
+        # Captions are short work next to clip-embed's image actor: half a CPU,
+        # like moderation-clip, so that actor, this one and the read tasks fit
+        # on a 2-CPU node.
+        model_resources = {**model_resources, "num_cpus": 0.5}
     resolve_precision(precision, device)
     if batch_size is None:
         batch_size = 256 if device.startswith("cuda") else 64
