@@ -58,19 +58,27 @@ def resolve_stages(
     dupes = sorted({c for c in outputs if outputs.count(c) > 1})
     if dupes:
         raise LaionRayError(f"several UDFs write the same column(s): {', '.join(dupes)}")
+    names = [s.name for s in stages]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:  # a stage's name owns its error column
+        raise LaionRayError(f"several different stages are named {', '.join(dupes)}")
     return stages
 
 
 def _check_inputs(ds: lance.LanceDataset, stages: Sequence[UDF], where: str | None) -> None:
-    names = set(ds.schema.names)
-    produced: set[str] = set()
+    # Each column as a stage will get it: from the dataset, or from an earlier
+    # stage of this run (tagged with that stage's key, as if it were stored).
+    fields = {f.name: f for f in ds.schema}
     for stage in stages:
         for col in stage.inputs:
-            if col not in names and col not in produced:
+            if col not in fields:
                 raise LaionRayError(
                     f"UDF {stage.name} needs column {col!r}, which {ds.uri} does not have"
                 )
-        produced.update(stage.outputs)
+        if stage.validate is not None:
+            stage.validate(pa.schema([fields[col] for col in stage.inputs]))
+        for field in stage.output_schema:
+            fields[field.name] = field.with_metadata({UDF_METADATA: stage.key.encode()})
     if where:
         try:
             ds.scanner(filter=where, columns=[], with_row_id=True, limit=1).to_table()

@@ -31,7 +31,8 @@ def _step(lines: list[str], title: str, fn: Callable[[], str]) -> None:
 def run_demo(
     directory: str = "./laion-ray-demo", *, rows: int = 1000, address: str | None = None
 ) -> list[str]:
-    """Generate a sample and run sample -> backfill -> merge -> re-embed -> reindex -> search.
+    """Generate a sample and run sample -> rules -> embedding heads -> merge ->
+    re-embed -> CLIP score -> reindex -> search.
 
     Ray starts only when a step needs it (the model actors): cheap function
     UDFs and a small merge run in this process, as ``--executor auto`` would
@@ -67,13 +68,11 @@ def run_demo(
         return f"aspect_ratio, is_high_res, moderation_label: {report.rows_processed} rows"
 
     def embed() -> str:
+        model = {"model": DEMO_MODEL, "random_weights": True}
         report = backfill(
             uri,
             udfs=["clip-embed", "moderation-clip"],
-            udf_params={
-                "clip-embed": {"model": DEMO_MODEL, "random_weights": True},
-                "moderation-clip": {"model": DEMO_MODEL, "random_weights": True},
-            },
+            udf_params={"clip-embed": model, "moderation-clip": model},
             max_error_fraction=0.05,
             address=address,
         )
@@ -82,16 +81,38 @@ def run_demo(
             f"{report.rows_processed} rows, {report.rows_failed} bad images -> null + error record"
         )
 
+    def clip_score() -> str:
+        # Reuses the embeddings clip-embed just stored (checked: same model), so
+        # only the text tower runs. A new column: the card's `similarity` stays
+        # (`column="similarity"` with --overwrite replaces it).
+        model = {"model": DEMO_MODEL, "random_weights": True, "column": "clip_score"}
+        report = backfill(
+            uri, udfs=["clip-score"], udf_params={"clip-score": model}, address=address
+        )
+        return f"clip_score from the stored image embeddings and captions: {report.rows_processed} rows"
+
+    def heads() -> str:
+        from laion_ray.udfs.embedding_head import make_embedding_head
+
+        # Over the card's stored 768-d img_emb: no image decode at all.
+        udfs = [
+            *make_embedding_head(preset="aesthetic", random_weights=True),
+            *make_embedding_head(preset="nsfw", random_weights=True),
+        ]
+        report = backfill(uri, udfs=udfs, address=address)
+        return (
+            f"aesthetic_score, nsfw_score over img_emb with RANDOM WEIGHTS (demo only; pass "
+            f"weights=LAION's .pth): {report.rows_processed} rows"
+        )
+
     def labels() -> str:
         rng = np.random.default_rng(0)
         keys = np.arange(0, rows + rows // 10, dtype=np.int64)  # some keys match no row
         path = os.path.join(directory, "labels.parquet")
-        pq.write_table(
-            pa.table({"key": keys, "aesthetic_score": rng.uniform(3, 9, len(keys))}), path
-        )
+        pq.write_table(pa.table({"key": keys, "rating": rng.uniform(3, 9, len(keys))}), path)
         report = merge(uri, source=path, on="key", address=address)
         return (
-            f"aesthetic_score from labels.parquet: {report.matched_keys} keys matched, "
+            f"rating from labels.parquet: {report.matched_keys} keys matched, "
             f"{report.unmatched_keys} label keys not in the dataset"
         )
 
@@ -112,8 +133,10 @@ def run_demo(
     started = time.monotonic()
     _step(lines, "sample", make_sample)
     _step(lines, "backfill aspect-ratio + rules", rules)
+    _step(lines, "aesthetic + NSFW heads", heads)
     _step(lines, "merge labels on key", labels)
     _step(lines, "re-embed clip + zero-shot labels", embed)
+    _step(lines, "CLIP score (text tower only)", clip_score)
     _step(lines, "rebuild IVF_PQ index", index)
     _step(lines, "ANN search", query)
     lines += [

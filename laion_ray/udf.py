@@ -61,6 +61,11 @@ class UDF:
             see ``laion_ray.engine.stages.SYSTEMIC_ERRORS``. The default, any
             ``Exception``, keeps user UDFs working; built-ins name their own
             (e.g. ``ImageDecodeError``).
+        validate: Optional plan-time check of the input fields as the stage will
+            get them (type, and producer metadata: the dataset's, or the key of
+            the stage that makes the column earlier in the run); raises
+            ``LaionRayError`` before any work, e.g. on an embedding made by
+            another model. Not part of the key.
     """
 
     name: str
@@ -74,6 +79,7 @@ class UDF:
     batch_size: int = 4096
     concurrency: int | tuple[int, int] | None = None
     row_errors: tuple[type[BaseException], ...] = (Exception,)
+    validate: Callable[[pa.Schema], None] | None = None
 
     @property
     def is_actor(self) -> bool:
@@ -92,6 +98,23 @@ class UDF:
         """Identity of the computation: name, version and parameters."""
         params = json.dumps(dict(self.params), sort_keys=True, default=str)
         return f"{self.name}@{self.version}:{params}"
+
+    @staticmethod
+    def parse_key(key: str) -> tuple[str, str, dict[str, Any]]:
+        """``name@version:{params}`` (see :attr:`key`) -> ``(name, version, params)``.
+
+        Raises:
+            LaionRayError: ``key`` is not a UDF key.
+        """
+        head, colon, params = key.partition(":")
+        name, at, version = head.partition("@")
+        try:
+            parsed = json.loads(params) if colon and at else None
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise LaionRayError(f"not a laion-ray UDF key: {key[:200]!r}")
+        return name, version, parsed
 
     def with_options(self, **changes: Any) -> UDF:
         """Copy with other resources or parameters (``params`` are merged)."""

@@ -54,6 +54,30 @@ def test_moderation_rules(params, nsfw, similarity, expected):
     assert ("similarity" in stage.inputs) == ("min_similarity" in params)
 
 
+@pytest.mark.parametrize(
+    "threshold,nsfw,score,expected",
+    [
+        (
+            0.8,
+            [0, 0, 1, None, None, 0],
+            [0.1, 0.9, 0.1, 0.95, 0.1, None],
+            ["ok", "review", "review", "review", None, "ok"],
+        ),
+        (0.99, [0, 0], [0.9, 0.995], ["ok", "review"]),
+    ],
+)
+def test_moderation_rules_with_nsfw_score(threshold, nsfw, score, expected):
+    (stage,) = resolve("moderation-rules", nsfw_score_threshold=threshold)
+    assert stage.inputs == ("NSFW", "nsfw_score")
+    table = pa.table(
+        {"NSFW": pa.array(nsfw, pa.int64()), "nsfw_score": pa.array(score, pa.float32())}
+    )
+    assert stage.instantiate()(table)["moderation_label"].to_pylist() == expected
+    # Runs without the score keep their key, so columns they stored stay theirs.
+    (plain,) = resolve("moderation-rules")
+    assert "nsfw_score" not in plain.key
+
+
 def test_registry_errors_name_the_problem():
     with pytest.raises(LaionRayError, match="unknown UDF 'nope'.*aspect-ratio"):
         resolve("nope")

@@ -19,13 +19,17 @@ def moderation_rules(
     *,
     nsfw_threshold: float = 0.5,
     min_similarity: float | None = None,
+    nsfw_score_threshold: float | None = None,
     flagged_label: str = "review",
     ok_label: str = "ok",
 ) -> pa.Table:
     """Label ``flagged_label`` when ``NSFW > nsfw_threshold`` (or, if
-    ``min_similarity`` is set, when ``similarity < min_similarity``), else ``ok_label``.
+    ``min_similarity`` is set, when ``similarity < min_similarity``; or, if
+    ``nsfw_score_threshold`` is set, when the ``embedding-head`` NSFW score
+    ``nsfw_score > nsfw_score_threshold``), else ``ok_label``.
 
-    A null ``NSFW`` gives a null label: an unknown flag is not "ok".
+    A null ``NSFW`` gives a null label: an unknown flag is not "ok". A row that
+    ``nsfw_score`` flags is flagged whatever ``NSFW`` says; a null score flags nothing.
     """
     nsfw = batch["NSFW"].to_numpy(zero_copy_only=False).astype(np.float64)
     unknown = np.isnan(nsfw)
@@ -33,6 +37,11 @@ def moderation_rules(
     if min_similarity is not None:
         sim = batch["similarity"].to_numpy(zero_copy_only=False).astype(np.float64)
         flagged |= np.nan_to_num(sim, nan=np.inf) < min_similarity
+    if nsfw_score_threshold is not None:
+        score = batch["nsfw_score"].to_numpy(zero_copy_only=False).astype(np.float64)
+        by_score = np.nan_to_num(score, nan=-np.inf) > nsfw_score_threshold
+        flagged |= by_score
+        unknown &= ~by_score
     labels = np.where(flagged, flagged_label, ok_label).astype(object)
     labels[unknown] = None
     return pa.table({"moderation_label": pa.array(labels, pa.string())})
@@ -43,6 +52,7 @@ def make_moderation_rules(
     *,
     nsfw_threshold: float = 0.5,
     min_similarity: float | None = None,
+    nsfw_score_threshold: float | None = None,
     flagged_label: str = "review",
     ok_label: str = "ok",
     **resources,
@@ -54,6 +64,11 @@ def make_moderation_rules(
         "ok_label": ok_label,
     }
     inputs = ["NSFW"] + (["similarity"] if min_similarity is not None else [])
+    if nsfw_score_threshold is not None:
+        # Only when set, so the key (and stored columns' producer) of runs
+        # without it stays what it was.
+        params["nsfw_score_threshold"] = float(nsfw_score_threshold)
+        inputs.append("nsfw_score")
     return [
         UDF(
             name="moderation-rules",
