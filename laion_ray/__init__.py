@@ -26,6 +26,7 @@ os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "10")
 _EXPORTS = {
     "backfill": "laion_ray.backfill",
     "merge": "laion_ray.merge",
+    "dedup": "laion_ray.dedup",
     "reindex": "laion_ray.index",
     "search": "laion_ray.search",
     "materialize": "laion_ray.materialize",
