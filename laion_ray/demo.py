@@ -31,11 +31,12 @@ def _step(lines: list[str], title: str, fn: Callable[[], str]) -> None:
 def run_demo(
     directory: str = "./laion-ray-demo", *, rows: int = 1000, address: str | None = None
 ) -> list[str]:
-    """Generate a sample and run sample -> backfill -> re-embed -> merge -> reindex -> search.
+    """Generate a sample and run sample -> backfill -> re-embed -> merge -> dedup -> reindex -> search.
 
     Returns the printed account, one line per step.
     """
     from laion_ray.backfill import backfill
+    from laion_ray.dedup import dedup
     from laion_ray.index import reindex
     from laion_ray.merge import merge
     from laion_ray.ray_env import ensure_ray
@@ -54,8 +55,13 @@ def run_demo(
 
     def make_sample() -> str:
         nonlocal sample
-        sample = write_sample(uri, rows=rows, fragments=4, seed=0, bad_fraction=0.01)
-        return f"{rows} rows in 4 fragments, {sample.num_bad} bad images injected"
+        sample = write_sample(
+            uri, rows=rows, fragments=4, seed=0, bad_fraction=0.01, duplicates=0.05
+        )
+        return (
+            f"{rows} rows in 4 fragments, {sample.num_bad} bad images and "
+            f"{sample.num_duplicates} near-duplicate images injected"
+        )
 
     def rules() -> str:
         report = backfill(
@@ -92,6 +98,15 @@ def run_demo(
             f"{report.unmatched_keys} label keys not in the dataset"
         )
 
+    def near_duplicates() -> str:
+        report = dedup(uri, column="img_emb", threshold=0.95, keep="similarity", exact=True,
+                       address=address)  # fmt: skip
+        return (
+            f"dup_group, is_duplicate on the sample's img_emb (cosine >= 0.95 or same md5, "
+            f"keep highest similarity): {report.duplicates} duplicates flagged of "
+            f"{sample.num_duplicates} injected, {report.pairs} pairs in {report.groups} tasks"
+        )
+
     def index() -> str:
         report = reindex(
             uri,
@@ -110,6 +125,7 @@ def run_demo(
     _step(lines, "backfill aspect-ratio + rules", rules)
     _step(lines, "re-embed clip + zero-shot labels", embed)
     _step(lines, "merge labels on key", labels)
+    _step(lines, "near-duplicates (dedup)", near_duplicates)
     _step(lines, "rebuild IVF_PQ index", index)
     _step(lines, "ANN search", query)
     lines.append(f"done: `laion-ray info {uri}` and `laion-ray history {uri}` show the result")

@@ -306,33 +306,45 @@ def sample_embeddings(
     """Only the vector-side columns of a sample, fast enough for millions of rows.
 
     Rows ``0 .. rows - 1`` have the same ``key``, ``similarity`` and
-    ``img_emb`` as :func:`write_sample` with these arguments writes. No image
-    is drawn, so ``width``/``height`` are the drawn sizes (a copy's real image
-    size may differ). For benchmarks that need large vector tables.
+    ``img_emb`` (to float32 rounding) as :func:`write_sample` with these
+    arguments writes. No image is drawn, so ``width``/``height`` are the drawn
+    sizes (a copy's real image size may differ). For benchmarks that need large
+    vector tables.
 
     Returns:
         ``(table of key, similarity, width, height, img_emb; true groups)``.
     """
     _validate(rows=rows, seed=seed, bad_fraction=0.0, duplicates=duplicates)
     dups = _dup_plan(rows, seed, duplicates, start_key=0, bad={})
+    copies = np.fromiter(dups, np.int64, len(dups))
+    emb = np.empty((rows, EMB_DIM), np.float32)
+    copy_noise = np.empty((len(copies), EMB_DIM), np.float32)
     parts = []
     for block in range((rows - 1) // _BLOCK + 1):
         p = _block_params(seed, block)
         lo, hi = block * _BLOCK, min(rows, (block + 1) * _BLOCK)
-        keys = np.arange(lo, hi)
-        emb = _embeddings(p, 0, hi - lo, seed=seed, block_start=lo, dups=dups)
+        emb[lo:hi] = _embeddings(p, 0, hi - lo, seed=seed, block_start=lo, dups={})
+        here = np.searchsorted(copies, [lo, hi])
+        copy_noise[here[0] : here[1]] = p["emb_noise"][copies[here[0] : here[1]] - lo]
         parts.append(
             pa.table(
                 {
-                    "key": pa.array(keys, pa.int64()),
+                    "key": pa.array(np.arange(lo, hi), pa.int64()),
                     "similarity": pa.array(p["similarity"][: hi - lo]),
                     "width": pa.array(p["width"][: hi - lo], pa.int64()),
                     "height": pa.array(p["height"][: hi - lo], pa.int64()),
-                    "img_emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), EMB_DIM),
                 }
             )
         )
-    return pa.concat_tables(parts), _groups(dups)
+    # Sources are never copies, so their embeddings are final: copies in one go.
+    if len(copies):
+        sources = np.array([dups[c][0] for c in copies])
+        noise = np.array([_DUP_NOISE[dups[c][1]] for c in copies], np.float32)[:, None]
+        moved = emb[sources] + noise * copy_noise
+        emb[copies] = moved / np.linalg.norm(moved, axis=1, keepdims=True)
+    table = pa.concat_tables(parts).combine_chunks()
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), EMB_DIM)
+    return table.append_column("img_emb", vectors), _groups(dups)
 
 
 # --- validation ---------------------------------------------------------------

@@ -105,7 +105,8 @@ def test_demo_runs_every_step_on_local_ray_and_says_its_weights_are_random(
     directory = tmp_path / "demo"
     assert main(["demo", "--dir", str(directory), "--rows", "600"]) == 0
     out = capsys.readouterr().out
-    for step in ("sample", "backfill", "re-embed", "merge labels", "IVF_PQ", "ANN search"):
+    steps = ("sample", "backfill", "re-embed", "merge labels", "near-duplicates", "IVF_PQ")
+    for step in (*steps, "ANN search"):
         assert step in out, step
     assert "RANDOM WEIGHTS" in out
     ds = lance.dataset(str(directory / "laion.lance"))
@@ -113,6 +114,8 @@ def test_demo_runs_every_step_on_local_ray_and_says_its_weights_are_random(
     assert table.num_rows == 600
     assert table["moderation_label"].null_count == 0
     assert table["aesthetic_score"].null_count == 0  # every key has a label
+    dups = ds.to_table(columns=["is_duplicate"])["is_duplicate"]
+    assert dups.null_count == 0 and sum(dups.to_pylist()) == round(600 * 0.05)
     assert table["img_emb"].null_count < 600 * 0.05  # only the injected bad images
     assert [i["name"] for i in ds.list_indices()] == ["img_emb_idx"]
     assert "rules-v1" in ds.tags.list()

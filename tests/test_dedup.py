@@ -109,6 +109,22 @@ def test_rerun_after_append_groups_only_the_new_rows(ray_session, sample, copy):
                k not in injected and k not in plan)  # fmt: skip
 
 
+def test_crash_before_write_back_resumes_without_regrouping(ray_session, sample, copy, monkeypatch):
+    import laion_ray.dedup as module
+
+    def driver_dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "run_job", driver_dies)
+    with pytest.raises(KeyboardInterrupt):
+        dedup(copy, **SMALL)
+    monkeypatch.undo()
+    report = dedup(copy, **SMALL)
+    assert report.resumed and report.duplicates == sample[1].num_duplicates
+    expected = {frozenset({s, *cs}) for s, cs in sample[1].duplicate_groups.items()}
+    assert {frozenset(m) for m in _groups(_rows(copy)).values()} == expected
+
+
 def test_bad_input_is_one_line_exit_2(sample, capsys):
     uri = sample[0]
     assert main(["dedup", uri, "--threshold", "1.5"]) == 2

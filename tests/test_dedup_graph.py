@@ -89,6 +89,13 @@ def test_kept_row_is_highest_score_then_smallest_key():
     assert dup.tolist() == [True, False, True, False, True]
 
 
+def test_no_pairs_no_groups():
+    empty = np.empty(0, np.int64)
+    nodes, roots = graph.components(empty, empty)
+    addr, group, dup = graph.assign_groups(nodes, roots, empty, np.empty(0), empty)
+    assert len(nodes) == len(addr) == len(group) == len(dup) == 0
+
+
 def test_new_rows_join_the_old_group_and_old_rows_stay():
     nodes = np.array([1, 2, 3, 7, 8])
     roots = np.array([1, 1, 1, 7, 7])

@@ -10,8 +10,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-# Rows per side of one similarity block: a 4096 x 4096 float32 block is 64 MiB.
-BLOCK_ROWS = 4096
+# Rows per side of one similarity block (4 MiB of float32). Small enough that the
+# upper triangle of a partition skips most of the lower blocks, large enough for
+# an efficient matmul.
+BLOCK_ROWS = 1024
 
 
 def _blocks(n: int, start: int = 0, step: int = BLOCK_ROWS) -> Iterator[tuple[int, int]]:
@@ -147,6 +149,8 @@ def assign_groups(
     Returns:
         ``(addresses, dup_group, is_duplicate)`` for the new rows, by address.
     """
+    if not len(nodes):
+        return nodes, nodes.copy(), np.zeros(0, bool)
     scores = np.where(np.isnan(scores), -np.inf, scores)
     order = np.lexsort((keys, -scores, roots))
     roots_o = roots[order]
