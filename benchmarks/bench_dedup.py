@@ -27,12 +27,17 @@ import numpy as np
 
 
 def write_vectors(path: str, rows: int, fragments: int, duplicates: float) -> dict[int, list[int]]:
-    from laion_ray.sample import sample_embeddings
+    """A fresh copy of the generated table at ``path`` (generated once into ``path.base``)."""
+    from laion_ray.sample import duplicate_plan, sample_embeddings
 
-    table, groups = sample_embeddings(rows, seed=0, duplicates=duplicates)
+    base = f"{path}.base-{rows}-{fragments}-{duplicates}"
+    if not os.path.exists(base):
+        table, _ = sample_embeddings(rows, seed=0, duplicates=duplicates)
+        lance.write_dataset(table, base, max_rows_per_file=-(-rows // fragments))
+        del table
     shutil.rmtree(path, ignore_errors=True)
-    lance.write_dataset(table, path, max_rows_per_file=-(-rows // fragments))
-    return groups
+    shutil.copytree(base, path)
+    return duplicate_plan(rows, seed=0, duplicates=duplicates)
 
 
 def brute_pairs(x: np.ndarray, threshold: float, block: int = 4096) -> tuple[np.ndarray, ...]:
@@ -115,7 +120,7 @@ def scale(a) -> None:
             f"{report.duplicates} duplicates"
         )
         if n != sizes[-1]:
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)  # the .base copy stays for reruns
     lo, hi = sizes[0], sizes[-1]
     if lo != hi:
         print(

@@ -317,6 +317,9 @@ def dedup(
         ),  # fmt: skip
     )
     read_columns = ["key", column, *score_columns(keep), *(["md5"] if exact else [])]
+    if incremental and not ds.count_rows(filter="dup_group IS NULL OR is_duplicate IS NULL"):
+        log.info("every row of %s is grouped already", uri)
+        return report
     ensure_ray(address)
     done = _load_done(join_uri(scratch, "done.json"), ds, read_columns, opts)
     report.resumed = done is not None
@@ -414,6 +417,8 @@ def _group(ds, report, scratch, read_columns, partitions, max_rows, sample_rate,
     nan_rows = sum(ray.get([s[3] for s in samples]))
     report.sample_rows = sum(ray.get([s[4] for s in samples]))
     report.vectors = rows - nan_rows
+    if not report.sample_rows:
+        raise LaionRayError(f"no valid vectors in {column!r} of {ds.uri}: nothing to compare")
     if report.sample_rows < parts:
         parts = max(1, report.sample_rows)
     report.partitions = parts
