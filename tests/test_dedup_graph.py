@@ -122,3 +122,12 @@ def test_plan_splits_oversized_partitions_and_bounds_groups():
                           s * (s + 1) // 2)  # fmt: skip
     loads = np.bincount(plan.cell_group, weights=cell_rows)
     assert plan.groups == len(loads) and loads.max() <= 2_000
+
+
+def test_merge_without_pairs_writes_nothing(tmp_path):
+    from laion_ray.dedup.tasks import _nodes_table, merge_components
+
+    empty = np.empty(0, np.int64)
+    facts = merge_components(str(tmp_path), None, _nodes_table(empty, empty, None))
+    assert (facts["grouped_rows"], facts["duplicates"], facts["fragments"]) == (0, 0, 0)
+    assert not (tmp_path / "groups").exists()

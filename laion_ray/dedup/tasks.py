@@ -382,10 +382,9 @@ def merge_components(
     )
     fragments = addr >> 32
     bounds = np.flatnonzero(np.r_[True, fragments[1:] != fragments[:-1], True])
+    bounds = bounds if len(addr) else bounds[:1]  # no pairs at all: no file
     fs, _ = filesystem(out_dir, opts)
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        if hi == lo:
-            continue
         part = pa.table(
             [pa.array(addr[lo:hi].astype(np.uint64)), pa.array(group[lo:hi]),
              pa.array(is_dup[lo:hi])],
@@ -401,7 +400,7 @@ def merge_components(
         "grouped_rows": len(addr),
         "duplicates": int(is_dup.sum()),
         "new_groups": kept_groups,
-        "fragments": len(bounds) - 1 if len(addr) else 0,
+        "fragments": len(bounds) - 1,
         "rss_mb": peak_rss_mb(),
     }
 
