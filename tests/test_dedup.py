@@ -102,8 +102,12 @@ def test_rerun_after_append_groups_only_the_new_rows(ray_session, sample, copy):
     plan = duplicate_plan(100, seed=4, duplicates=0.2, start_key=ROWS)
     assert any(s < ROWS for s in plan)  # some new rows copy old rows
     for source, copies in plan.items():
-        for c in copies:
-            assert after[c]["is_duplicate"] and after[c]["dup_group"] == after[source]["dup_group"]
+        members = [source, *copies]
+        assert {after[k]["dup_group"] for k in members} == {after[source]["dup_group"]}
+        if source < ROWS:  # joins the old group: the old kept row stays kept
+            assert all(after[c]["is_duplicate"] for c in copies)
+        else:  # a group of new rows elects its kept row
+            assert sum(not after[k]["is_duplicate"] for k in members) == 1
     injected = {c for cs in plan.values() for c in cs}
     assert all(after[k]["dup_group"] == k for k in range(ROWS, ROWS + 100) if
                k not in injected and k not in plan)  # fmt: skip
