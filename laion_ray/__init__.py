@@ -27,6 +27,7 @@ os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "10")
 # the documented callable. These modules import Lance and Arrow but never Ray
 # or torch at import time, so `import laion_ray` stays quick.
 from laion_ray.backfill import backfill  # noqa: E402
+from laion_ray.dedup import dedup  # noqa: E402
 from laion_ray.error_log import list_errors  # noqa: E402
 from laion_ray.errors import LaionRayError, RowError, SystemicError  # noqa: E402
 from laion_ray.history import job_history  # noqa: E402
@@ -45,6 +46,7 @@ __all__ = [
     "SystemicError",
     "backfill",
     "dataset_info",
+    "dedup",
     "job_history",
     "list_errors",
     "materialize",

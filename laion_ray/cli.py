@@ -90,7 +90,10 @@ def _print_json(obj: object) -> None:
 @command(
     "sample",
     help="write a LAION-shaped Lance dataset with real JPEGs",
-    example="laion-ray sample ./laion.lance --rows 10000 --fragments 8 --bad-fraction 0.01",
+    example=(
+        "laion-ray sample ./laion.lance --rows 10000 --fragments 8 --bad-fraction 0.01 "
+        "--duplicates 0.1"
+    ),
 )
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="dataset URI to create (must not exist)")
@@ -98,6 +101,15 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fragments", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bad-fraction", type=float, default=0.0, help="share of corrupt images")
+    p.add_argument(
+        "--duplicates",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="share of rows made near-duplicates (copied, re-encoded, resized or cropped "
+        "images of other rows); the true groups go to --report",
+    )
+    p.add_argument("--report", metavar="FILE", help="write the report (bad keys, groups) as JSON")
     _storage_flags(p)
 
 
@@ -111,8 +123,14 @@ def _sample(args: argparse.Namespace) -> None:
         fragments=args.fragments,
         seed=args.seed,
         bad_fraction=args.bad_fraction,
+        duplicates=args.duplicates,
         storage_options=_storage(args),
     )
+    if args.report:
+        import dataclasses
+
+        with open(args.report, "w") as f:
+            json.dump(dataclasses.asdict(report), f, indent=2)
     print(report.summary())
 
 
@@ -234,6 +252,72 @@ def _merge(args: argparse.Namespace) -> None:
         workers=args.workers,
         commit_every_s=args.commit_every,
         executor=args.executor,
+    )
+    print(report.summary())
+
+
+# --- dedup (laion_ray.dedup) ------------------------------------------------
+
+
+@command(
+    "dedup",
+    help="group near-duplicate rows by embedding cosine on Ray; writes dup_group, is_duplicate",
+    example="laion-ray dedup ./laion.lance --column img_emb --threshold 0.95 --keep similarity",
+)
+def _dedup_args(p: argparse.ArgumentParser) -> None:
+    from laion_ray.dedup import KEEP_RULES, MAX_PARTITION_ROWS
+    from laion_ray.engine.run import COMMIT_EVERY_S
+
+    p.add_argument("uri")
+    p.add_argument("--column", default="img_emb", help="vector column (default img_emb)")
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine threshold (0.95)")
+    p.add_argument(
+        "--keep",
+        default="similarity",
+        help=f"kept row of a group: {', '.join(KEEP_RULES)} or a numeric column (highest)",
+    )
+    p.add_argument("--exact", action="store_true", help="also group identical md5 images")
+    p.add_argument("--overwrite", action="store_true", help="regroup every row")
+    p.add_argument("--partitions", type=int, help="k-means partitions (default rows/2048)")
+    p.add_argument(
+        "--max-partition-rows",
+        type=int,
+        default=MAX_PARTITION_ROWS,
+        help="most rows per compare task; larger partitions are split",
+    )
+    p.add_argument("--sample-rate", type=int, default=64, help="k-means training rows/partition")
+    p.add_argument("--tag", help="tag the resulting version")
+    p.add_argument("--unit-rows", type=int, help="rows per work unit (checkpoint granularity)")
+    p.add_argument("--commit-every", type=float, default=COMMIT_EVERY_S, metavar="SECONDS")
+    p.add_argument(
+        "--checkpoint-uri", help="where checkpoints/scratch live (default URI/_laion_ray)"
+    )
+    p.add_argument("--report", metavar="FILE", help="write the report as JSON")
+    _ray_flags(p)
+    _storage_flags(p)
+
+
+@_dedup_args
+def _dedup(args: argparse.Namespace) -> None:
+    from laion_ray.dedup import dedup
+
+    report = dedup(
+        args.uri,
+        column=args.column,
+        threshold=args.threshold,
+        keep=args.keep,
+        exact=args.exact,
+        overwrite=args.overwrite,
+        partitions=args.partitions,
+        max_partition_rows=args.max_partition_rows,
+        sample_rate=args.sample_rate,
+        tag=args.tag,
+        unit_rows=args.unit_rows,
+        checkpoint_uri=args.checkpoint_uri,
+        report_path=args.report,
+        storage_options=_storage(args),
+        address=args.address,
+        commit_every_s=args.commit_every,
     )
     print(report.summary())
 

@@ -32,7 +32,7 @@ def run_demo(
     directory: str = "./laion-ray-demo", *, rows: int = 1000, address: str | None = None
 ) -> list[str]:
     """Generate a sample and run sample -> rules -> embedding heads -> merge ->
-    re-embed -> CLIP score -> reindex -> search.
+    re-embed -> CLIP score -> dedup -> reindex -> search.
 
     Ray starts only when a step needs it (the model actors): cheap function
     UDFs and a small merge run in this process, as ``--executor auto`` would
@@ -41,6 +41,7 @@ def run_demo(
     Returns the printed account, one line per step.
     """
     from laion_ray.backfill import backfill
+    from laion_ray.dedup import dedup
     from laion_ray.index import reindex
     from laion_ray.merge import merge
     from laion_ray.sample import write_sample
@@ -58,8 +59,13 @@ def run_demo(
 
     def make_sample() -> str:
         nonlocal sample
-        sample = write_sample(uri, rows=rows, fragments=4, seed=0, bad_fraction=0.01)
-        return f"{rows} rows in 4 fragments, {sample.num_bad} bad images injected"
+        sample = write_sample(
+            uri, rows=rows, fragments=4, seed=0, bad_fraction=0.01, duplicates=0.05
+        )
+        return (
+            f"{rows} rows in 4 fragments, {sample.num_bad} bad images and "
+            f"{sample.num_duplicates} near-duplicate images injected"
+        )
 
     def rules() -> str:
         report = backfill(
@@ -116,6 +122,15 @@ def run_demo(
             f"{report.unmatched_keys} label keys not in the dataset"
         )
 
+    def near_duplicates() -> str:
+        report = dedup(uri, column="img_emb", threshold=0.95, keep="similarity", exact=True,
+                       address=address)  # fmt: skip
+        return (
+            f"dup_group, is_duplicate on the sample's img_emb (cosine >= 0.95 or same md5, "
+            f"keep highest similarity): {report.duplicates} duplicates flagged of "
+            f"{sample.num_duplicates} injected, {report.pairs} pairs in {report.groups} tasks"
+        )
+
     def index() -> str:
         report = reindex(
             uri,
@@ -137,6 +152,7 @@ def run_demo(
     _step(lines, "merge labels on key", labels)
     _step(lines, "re-embed clip + zero-shot labels", embed)
     _step(lines, "CLIP score (text tower only)", clip_score)
+    _step(lines, "near-duplicates (dedup)", near_duplicates)
     _step(lines, "rebuild IVF_PQ index", index)
     _step(lines, "ANN search", query)
     lines += [

@@ -174,27 +174,34 @@ def _train_task(sample_refs, partitions, sub_vectors, metric, sample_rate, use_g
     is the exact algorithm single-node ``create_index`` runs, on the GPU
     (Lance's ``accelerator``) when this task was given one.
     """
-    import lance
     import ray
-    from lance.indices import IndicesBuilder
 
     sample = np.concatenate([s for s in ray.get(list(sample_refs)) if len(s)])
-    dim = sample.shape[1]
     with tempfile.TemporaryDirectory() as tmp:
-        vec = pa.FixedSizeListArray.from_arrays(pa.array(sample.ravel()), dim)
-        scratch = lance.write_dataset(pa.table({"v": vec}), f"{tmp}/sample.lance")
-        builder = IndicesBuilder(scratch, "v")
-        ivf = builder.train_ivf(
-            partitions,
-            distance_type=metric,
-            # Same row count as single-node create_index: partitions x sample_rate.
-            sample_rate=max(2, min(sample_rate, len(sample) // partitions)),
-            accelerator="cuda" if use_gpu else None,
-        )
+        builder, ivf = train_ivf(sample, partitions, metric, sample_rate, use_gpu, tmp)
         pq = builder.train_pq(
             ivf, sub_vectors, sample_rate=max(2, min(sample_rate, len(sample) // PQ_CODES))
         )
     return ivf.centroids, pq.codebook
+
+
+def train_ivf(sample: np.ndarray, partitions, metric, sample_rate, use_gpu, tmp: str):
+    """``(builder, IVF model)``: Lance's k-means over ``sample`` (``[n, dim]``), as
+    single-node ``create_index`` trains it; ``dedup`` partitions with it too."""
+    import lance
+    from lance.indices import IndicesBuilder
+
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(sample.ravel()), sample.shape[1])
+    scratch = lance.write_dataset(pa.table({"v": vec}), f"{tmp}/sample.lance")
+    builder = IndicesBuilder(scratch, "v")
+    ivf = builder.train_ivf(
+        partitions,
+        distance_type=metric,
+        # Same row count as single-node create_index: partitions x sample_rate.
+        sample_rate=max(2, min(sample_rate, len(sample) // partitions)),
+        accelerator="cuda" if use_gpu else None,
+    )
+    return builder, ivf
 
 
 def _build_task(

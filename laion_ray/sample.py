@@ -6,6 +6,11 @@ be tested end to end without downloading anything. Content is a pure function of
 fragment count, and rows made by :func:`sample_table` with a ``start_key`` can be
 appended to a sample without clashing keys.
 
+With ``duplicates`` some rows are near-duplicates of others, as about 30% of
+LAION-2B is: an exact byte copy, a re-encoded, a resized or a lightly cropped
+copy of an earlier row's image, whose embedding is the source's plus a little
+noise (cosine 0.97-0.999 to the source). The report records the true groups.
+
 Examples:
     >>> report = write_sample("/tmp/laion.lance", rows=1000, fragments=4, bad_fraction=0.01)
     >>> report.summary()  # doctest: +SKIP
@@ -34,9 +39,12 @@ from laion_ray.storage import is_local, resolve_storage_options
 __all__ = [
     "BAD_KINDS",
     "CORRUPT_KINDS",
+    "DUPLICATE_KINDS",
     "EMB_DIM",
     "SCHEMA",
     "SampleReport",
+    "duplicate_plan",
+    "sample_embeddings",
     "sample_table",
     "write_sample",
 ]
@@ -71,6 +79,12 @@ BAD_KINDS = ("truncated", "empty", "null", "not_image", "png", "grayscale", "cmy
 #: Kinds that no decoder can turn into an RGB image; the others are merely unusual.
 CORRUPT_KINDS = frozenset({"truncated", "empty", "null", "not_image", "bomb"})
 
+#: How injected near-duplicates copy their source image, cycled in key order, with
+#: the per-dimension noise added to the source's embedding (cosine to the source
+#: about 1 / sqrt(1 + 768 * noise^2): 0.999, 0.994, 0.986, 0.976).
+DUPLICATE_KINDS = ("exact", "reencode", "resize", "crop")
+_DUP_NOISE = {"exact": 0.0015, "reencode": 0.004, "resize": 0.006, "crop": 0.008}
+
 # Header claim of the "bomb" image: 268M pixels is over PIL's error limit
 # (2 * MAX_IMAGE_PIXELS = 179M), yet a decoder without a bomb check (simplejpeg
 # touches the whole output buffer) only wastes ~0.8 GB on it. A 60000x60000 claim
@@ -87,7 +101,7 @@ _N_CLUSTERS = 32
 _CLUSTER_SPREAD = 0.022  # per-dimension noise; gives ~0.6 cosine to the centroid
 
 # Seed-sequence prefixes keep the independent random streams apart.
-_STREAM_TEXTURES, _STREAM_BLOCK, _STREAM_BAD, _STREAM_CENTROIDS = 0, 1, 2, 3
+_STREAM_TEXTURES, _STREAM_BLOCK, _STREAM_BAD, _STREAM_CENTROIDS, _STREAM_DUP = 0, 1, 2, 3, 4
 
 # One subject per embedding cluster so captions and embeddings agree.
 _SUBJECTS = (
@@ -143,6 +157,8 @@ class SampleReport:
         fragments: Fragments written.
         seed: Seed used.
         bad_keys: Bad-image kind -> keys of the rows given that kind.
+        duplicate_groups: Source key -> keys of its injected near-duplicates
+            (the true duplicate groups are ``[source, *copies]``).
         elapsed: Wall-clock seconds taken.
     """
 
@@ -151,17 +167,23 @@ class SampleReport:
     fragments: int
     seed: int
     bad_keys: dict[str, list[int]] = field(default_factory=dict)
+    duplicate_groups: dict[int, list[int]] = field(default_factory=dict)
     elapsed: float = 0.0
 
     @property
     def num_bad(self) -> int:
         return sum(len(keys) for keys in self.bad_keys.values())
 
+    @property
+    def num_duplicates(self) -> int:
+        return sum(len(keys) for keys in self.duplicate_groups.values())
+
     def summary(self) -> str:
         """One human-readable line."""
         return (
             f"wrote {self.rows} rows in {self.fragments} fragments to {self.uri} "
-            f"(seed {self.seed}, {self.num_bad} bad images) in {self.elapsed:.1f}s"
+            f"(seed {self.seed}, {self.num_bad} bad images, {self.num_duplicates} "
+            f"near-duplicates in {len(self.duplicate_groups)} groups) in {self.elapsed:.1f}s"
         )
 
 
@@ -172,6 +194,7 @@ def write_sample(
     fragments: int,
     seed: int = 0,
     bad_fraction: float = 0.0,
+    duplicates: float = 0.0,
     storage_options: Mapping[str, str] | None = None,
 ) -> SampleReport:
     """Write a LAION-shaped Lance dataset of ``rows`` rows in exactly ``fragments`` fragments.
@@ -186,6 +209,9 @@ def write_sample(
         seed: Non-negative seed; the same seed gives identical bytes in every column.
         bad_fraction: Share of rows (0..1) given bad images, cycling through
             :data:`BAD_KINDS`; any positive value gives at least one bad row.
+        duplicates: Share of rows (0..1) made near-duplicates of other rows,
+            cycling through :data:`DUPLICATE_KINDS`; the report's
+            ``duplicate_groups`` holds the true groups.
         storage_options: Object-store options passed to Lance.
 
     Returns:
@@ -194,7 +220,7 @@ def write_sample(
     Raises:
         LaionRayError: An argument is out of range or ``uri`` already exists.
     """
-    _validate(rows=rows, seed=seed, bad_fraction=bad_fraction)
+    _validate(rows=rows, seed=seed, bad_fraction=bad_fraction, duplicates=duplicates)
     if not 1 <= fragments <= rows:
         raise LaionRayError(f"fragments must be between 1 and rows ({rows}), got {fragments}")
     options = resolve_storage_options(storage_options)
@@ -203,12 +229,13 @@ def write_sample(
 
     start = time.perf_counter()
     plan = _bad_plan(rows, seed, bad_fraction, start_key=0)
+    dups = _dup_plan(rows, seed, duplicates, start_key=0, bad=plan)
     base, extra = divmod(rows, fragments)
     offset = 0
     for i in range(fragments):
         n = base + (i < extra)
         reader = pa.RecordBatchReader.from_batches(
-            SCHEMA, _batches(offset, n, seed=seed, plan=plan)
+            SCHEMA, _batches(offset, n, seed=seed, plan=plan, dups=dups)
         )
         lance.write_dataset(
             reader,
@@ -225,45 +252,114 @@ def write_sample(
         fragments=fragments,
         seed=seed,
         bad_keys=_keys_by_kind(plan),
+        duplicate_groups=_groups(dups),
         elapsed=time.perf_counter() - start,
     )
 
 
 def sample_table(
-    rows: int, seed: int = 0, bad_fraction: float = 0.0, start_key: int = 0
+    rows: int,
+    seed: int = 0,
+    bad_fraction: float = 0.0,
+    start_key: int = 0,
+    duplicates: float = 0.0,
 ) -> pa.Table:
     """Generate sample rows in memory, e.g. to append to a dataset in a test.
 
     A row with key ``k`` is identical to the row with key ``k`` written by
-    :func:`write_sample` with the same seed (bad-image injection aside, which is
-    planned over the rows requested).
+    :func:`write_sample` with the same seed (bad-image and duplicate injection
+    aside, which are planned over the rows requested). Near-duplicates copy any
+    key below ``start_key + rows``, so appended rows can duplicate rows already
+    in the dataset; :func:`duplicate_plan` tells which.
 
     Args:
         rows: Number of rows, at least 1.
         seed: Non-negative seed.
         bad_fraction: Share of rows (0..1) given bad images.
         start_key: First key; keys are ``start_key .. start_key + rows - 1``.
+        duplicates: Share of rows (0..1) made near-duplicates of other rows.
 
     Returns:
         A table with schema :data:`SCHEMA`.
     """
-    _validate(rows=rows, seed=seed, bad_fraction=bad_fraction)
+    _validate(rows=rows, seed=seed, bad_fraction=bad_fraction, duplicates=duplicates)
     if start_key < 0:
         raise LaionRayError(f"start_key must be >= 0, got {start_key}")
     plan = _bad_plan(rows, seed, bad_fraction, start_key=start_key)
-    return pa.Table.from_batches(list(_batches(start_key, rows, seed=seed, plan=plan)), SCHEMA)
+    dups = _dup_plan(rows, seed, duplicates, start_key=start_key, bad=plan)
+    batches = _batches(start_key, rows, seed=seed, plan=plan, dups=dups)
+    return pa.Table.from_batches(list(batches), SCHEMA)
+
+
+def duplicate_plan(
+    rows: int, seed: int = 0, duplicates: float = 0.0, start_key: int = 0, bad_fraction: float = 0.0
+) -> dict[int, list[int]]:
+    """The true near-duplicate groups (source key -> copies) of those same arguments."""
+    _validate(rows=rows, seed=seed, bad_fraction=bad_fraction, duplicates=duplicates)
+    bad = _bad_plan(rows, seed, bad_fraction, start_key=start_key)
+    return _groups(_dup_plan(rows, seed, duplicates, start_key=start_key, bad=bad))
+
+
+def sample_embeddings(
+    rows: int, seed: int = 0, duplicates: float = 0.0
+) -> tuple[pa.Table, dict[int, list[int]]]:
+    """Only the vector-side columns of a sample, fast enough for millions of rows.
+
+    Rows ``0 .. rows - 1`` have the same ``key``, ``similarity`` and
+    ``img_emb`` (to float32 rounding) as :func:`write_sample` with these
+    arguments writes. No image is drawn, so ``width``/``height`` are the drawn
+    sizes (a copy's real image size may differ). For benchmarks that need large
+    vector tables.
+
+    Returns:
+        ``(table of key, similarity, width, height, img_emb; true groups)``.
+    """
+    _validate(rows=rows, seed=seed, bad_fraction=0.0, duplicates=duplicates)
+    dups = _dup_plan(rows, seed, duplicates, start_key=0, bad={})
+    copies = np.fromiter(dups, np.int64, len(dups))
+    emb = np.empty((rows, EMB_DIM), np.float32)
+    copy_noise = np.empty((len(copies), EMB_DIM), np.float32)
+    parts = []
+    for block in range((rows - 1) // _BLOCK + 1):
+        p = _block_params(seed, block)
+        lo, hi = block * _BLOCK, min(rows, (block + 1) * _BLOCK)
+        emb[lo:hi] = _embeddings(p, 0, hi - lo, seed=seed, block_start=lo, dups={})
+        here = np.searchsorted(copies, [lo, hi])
+        copy_noise[here[0] : here[1]] = p["emb_noise"][copies[here[0] : here[1]] - lo]
+        parts.append(
+            pa.table(
+                {
+                    "key": pa.array(np.arange(lo, hi), pa.int64()),
+                    "similarity": pa.array(p["similarity"][: hi - lo]),
+                    "width": pa.array(p["width"][: hi - lo], pa.int64()),
+                    "height": pa.array(p["height"][: hi - lo], pa.int64()),
+                }
+            )
+        )
+    # Sources are never copies, so their embeddings are final: copies in one go.
+    if len(copies):
+        sources = np.array([dups[c][0] for c in copies])
+        noise = np.array([_DUP_NOISE[dups[c][1]] for c in copies], np.float32)[:, None]
+        moved = emb[sources] + noise * copy_noise
+        emb[copies] = moved / np.linalg.norm(moved, axis=1, keepdims=True)
+    table = pa.concat_tables(parts).combine_chunks()
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), EMB_DIM)
+    return table.append_column("img_emb", vectors), _groups(dups)
 
 
 # --- validation ---------------------------------------------------------------
 
 
-def _validate(*, rows: int, seed: int, bad_fraction: float) -> None:
+def _validate(*, rows: int, seed: int, bad_fraction: float, duplicates: float = 0.0) -> None:
     if rows < 1:
         raise LaionRayError(f"rows must be >= 1, got {rows}")
     if seed < 0:
         raise LaionRayError(f"seed must be >= 0, got {seed}")
     if not 0.0 <= bad_fraction <= 1.0:
         raise LaionRayError(f"bad_fraction must be between 0 and 1, got {bad_fraction}")
+    if not 0.0 <= duplicates < 0.5:
+        # Every copy needs a source that is not itself a copy.
+        raise LaionRayError(f"duplicates must be in [0, 0.5), got {duplicates}")
 
 
 def _exists(uri: str, options: Mapping[str, str]) -> bool:
@@ -297,11 +393,69 @@ def _keys_by_kind(plan: Mapping[int, str]) -> dict[str, list[int]]:
     return out
 
 
+# --- near-duplicate plan ------------------------------------------------------------
+
+
+def _dup_plan(
+    rows: int, seed: int, duplicates: float, *, start_key: int, bad: Mapping[int, str]
+) -> dict[int, tuple[int, str]]:
+    """Copy key -> (source key, kind) for ``round(rows * duplicates)`` rows (at least one).
+
+    Copies are good rows of this range; sources are good, non-copy keys below
+    the range's end, drawn with replacement, so some groups have several copies.
+    """
+    if duplicates <= 0:
+        return {}
+    good = np.setdiff1d(np.arange(start_key, start_key + rows), np.fromiter(bad, np.int64))
+    n_dup = min(len(good) // 2, max(1, round(rows * duplicates)))
+    rng = np.random.default_rng([_STREAM_DUP, seed, start_key, rows])
+    copies = np.sort(rng.choice(good, size=n_dup, replace=False))
+    pool = np.setdiff1d(
+        np.arange(start_key + rows), np.concatenate([copies, np.fromiter(bad, np.int64)])
+    )
+    sources = rng.choice(pool, size=n_dup)
+    return {
+        int(c): (int(s), DUPLICATE_KINDS[i % len(DUPLICATE_KINDS)])
+        for i, (c, s) in enumerate(zip(copies, sources, strict=True))
+    }
+
+
+def _groups(dups: Mapping[int, tuple[int, str]]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for copy in sorted(dups):
+        out.setdefault(dups[copy][0], []).append(copy)
+    return dict(sorted(out.items()))
+
+
+def _copy_image(kind: str, image: Image.Image, jpeg: bytes, key: int) -> bytes:
+    """The bytes of a near-duplicate of ``image`` (JPEG ``jpeg``) of ``kind``."""
+    if kind == "exact":
+        return jpeg
+    if kind == "reencode":
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=60 + key % 20)
+        return buf.getvalue()
+    w, h = image.size
+    if kind == "resize":
+        scale = 0.5 + (key % 5) / 10
+        image = image.resize((max(8, round(w * scale)), max(8, round(h * scale))))
+    else:  # crop: 2-6% off each side
+        f = 0.02 + (key % 5) / 100
+        dx, dy = round(w * f), round(h * f)
+        image = image.crop((dx, dy, w - dx, h - dy))
+    return _encode(image, "JPEG")
+
+
 # --- row generation ---------------------------------------------------------------
 
 
 def _batches(
-    start_key: int, rows: int, *, seed: int, plan: Mapping[int, str]
+    start_key: int,
+    rows: int,
+    *,
+    seed: int,
+    plan: Mapping[int, str],
+    dups: Mapping[int, tuple[int, str]],
 ) -> Iterator[pa.RecordBatch]:
     """Yield rows ``start_key .. start_key + rows - 1``, one batch per key block piece."""
     end = start_key + rows
@@ -309,9 +463,42 @@ def _batches(
         params = _block_params(seed, block)
         lo = max(start_key, block * _BLOCK) - block * _BLOCK
         hi = min(end, (block + 1) * _BLOCK) - block * _BLOCK
-        yield _render(params, block * _BLOCK, lo, hi, seed=seed, plan=plan)
+        yield _render(params, block * _BLOCK, lo, hi, seed=seed, plan=plan, dups=dups)
 
 
+def _source(seed: int, key: int) -> tuple[dict[str, np.ndarray], int]:
+    """(block parameters, index in the block) of row ``key``."""
+    return _block_params(seed, key // _BLOCK), key % _BLOCK
+
+
+def _embeddings(
+    p: dict[str, np.ndarray],
+    lo: int,
+    hi: int,
+    *,
+    seed: int,
+    block_start: int,
+    dups: Mapping[int, tuple[int, str]],
+) -> np.ndarray:
+    """Unit-norm float32 embeddings of block rows ``lo .. hi - 1``.
+
+    A row is its cluster's centroid plus noise; a copy is its source's
+    embedding plus a little of its own noise (see :data:`_DUP_NOISE`).
+    """
+    emb = _centroids(seed)[p["cluster"][lo:hi]] + _CLUSTER_SPREAD * p["emb_noise"][lo:hi]
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    for i in range(lo, hi):
+        copy = dups.get(block_start + i)
+        if copy is None:
+            continue
+        src_p, j = _source(seed, copy[0])
+        src = _embeddings(src_p, j, j + 1, seed=seed, block_start=copy[0] - j, dups={})[0]
+        emb[i - lo] = src + _DUP_NOISE[copy[1]] * p["emb_noise"][i]
+        emb[i - lo] /= np.linalg.norm(emb[i - lo])
+    return emb.astype(np.float32)
+
+
+@lru_cache(maxsize=8)  # a copy's source block is often drawn again soon
 def _block_params(seed: int, block: int) -> dict[str, np.ndarray]:
     """Draw every random choice for one block of ``_BLOCK`` keys at once (vectorised)."""
     rng = np.random.default_rng([_STREAM_BLOCK, seed, block])
@@ -360,14 +547,22 @@ def _render(
     *,
     seed: int,
     plan: Mapping[int, str],
+    dups: Mapping[int, tuple[int, str]],
 ) -> pa.RecordBatch:
     textures = _textures(seed)
     cols: dict[str, list] = {name: [] for name in SCHEMA.names if name != "img_emb"}
     for i in range(lo, hi):
         key = block_start + i
-        width, height = int(p["width"][i]), int(p["height"][i])
-        image = _draw_image(p, i, textures)
+        copy = dups.get(key)
+        # A copy shows its source's picture (and subject); the rest is its own.
+        src_p, src_i = _source(seed, copy[0]) if copy else (p, i)
+        image = _draw_image(src_p, src_i, textures)
         data: bytes | None = _encode(image, "JPEG")
+        if copy:
+            data = _copy_image(copy[1], image, data, key)
+            width, height = Image.open(io.BytesIO(data)).size
+        else:
+            width, height = int(p["width"][i]), int(p["height"][i])
         kind = plan.get(key)
         if kind is not None:
             data, message = _corrupt(kind, image, data, p["junk"][i], key)
@@ -375,7 +570,7 @@ def _render(
         else:
             message, status = None, "success"
 
-        subject = _SUBJECTS[p["cluster"][i]]
+        subject = _SUBJECTS[src_p["cluster"][src_i]]
         setting = _SETTINGS[p["setting"][i]]
         caption = f"{_STYLES[p['style'][i]]} {_ADJECTIVES[p['adjective'][i]]} {subject}"
         camera = int(p["camera"][i])
@@ -399,19 +594,16 @@ def _render(
         cols["similarity"].append(float(p["similarity"][i]))
         cols["width"].append(width)
         cols["height"].append(height)
-        cols["original_width"].append(int(p["original_width"][i]))
-        cols["original_height"].append(int(p["original_height"][i]))
+        cols["original_width"].append(int(src_p["original_width"][src_i]))
+        cols["original_height"].append(int(src_p["original_height"][src_i]))
         cols["exif"].append(exif)
         cols["md5"].append(None if data is None else hashlib.md5(data).hexdigest())
         cols["status"].append(status)
         cols["error_message"].append(message)
 
-    emb = _centroids(seed)[p["cluster"][lo:hi]] + _CLUSTER_SPREAD * p["emb_noise"][lo:hi]
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = _embeddings(p, lo, hi, seed=seed, block_start=block_start, dups=dups)
     arrays = [pa.array(cols[f.name], type=f.type) for f in SCHEMA if f.name != "img_emb"]
-    arrays.append(
-        pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float32).ravel()), EMB_DIM)
-    )
+    arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), EMB_DIM))
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
 

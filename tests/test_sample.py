@@ -12,7 +12,15 @@ import pytest
 from PIL import Image
 
 from laion_ray.errors import LaionRayError
-from laion_ray.sample import BAD_KINDS, CORRUPT_KINDS, SampleReport, sample_table, write_sample
+from laion_ray.sample import (
+    BAD_KINDS,
+    CORRUPT_KINDS,
+    SampleReport,
+    duplicate_plan,
+    sample_embeddings,
+    sample_table,
+    write_sample,
+)
 
 # Written out from the LAION-1M dataset card, not imported, so a drift in
 # laion_ray.sample.SCHEMA fails here.
@@ -221,3 +229,71 @@ def test_existing_destination_is_refused(tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(LaionRayError, match="exists"):
         write_sample(str(tmp_path / "exists"), rows=2, fragments=1)
+
+
+# --- near-duplicates ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dup_sample(tmp_path_factory) -> tuple[pa.Table, SampleReport]:
+    uri = str(tmp_path_factory.mktemp("dups") / "laion.lance")
+    report = write_sample(uri, rows=160, fragments=2, seed=3, duplicates=0.15, bad_fraction=0.05)
+    return lance.dataset(uri).to_table(), report
+
+
+def test_duplicates_are_recorded_and_near_their_source(dup_sample):
+    table, report = dup_sample
+    copies = {c: s for s, cs in report.duplicate_groups.items() for c in cs}
+    assert report.num_duplicates == len(copies) == round(160 * 0.15)
+    assert not set(copies) & set(report.duplicate_groups)  # no copy is a source
+    bad = {k for keys in report.bad_keys.values() for k in keys}
+    assert not (set(copies) | set(report.duplicate_groups)) & bad
+    emb = np.stack(table["img_emb"].to_numpy(zero_copy_only=False))
+    rows = table.to_pylist()
+    kinds = {"exact": 0, "other": 0}
+    for c, s in copies.items():
+        assert 0.97 < float(emb[c] @ emb[s]) < 1.0
+        same_bytes = rows[c]["image"] == rows[s]["image"]
+        assert same_bytes == (rows[c]["md5"] == rows[s]["md5"])
+        kinds["exact" if same_bytes else "other"] += 1
+        Image.open(io.BytesIO(rows[c]["image"])).load()  # every copy decodes
+        assert (rows[c]["width"], rows[c]["height"]) == Image.open(
+            io.BytesIO(rows[c]["image"])
+        ).size
+    assert kinds["exact"] and kinds["other"]
+    # Unrelated rows are far apart: only the injected pairs pass 0.95.
+    sims = emb @ emb.T
+    np.fill_diagonal(sims, 0)
+    a, b = np.nonzero(np.triu(sims >= 0.95))
+    truth = {tuple(sorted((c, s))) for c, s in copies.items()}
+    same_source = {
+        tuple(sorted((x, y)))
+        for cs in report.duplicate_groups.values()
+        for x in cs
+        for y in cs
+        if x != y
+    }
+    assert set(zip(a.tolist(), b.tolist(), strict=True)) <= truth | same_source
+    assert truth <= set(zip(a.tolist(), b.tolist(), strict=True))
+
+
+def test_sample_embeddings_match_the_written_sample(dup_sample):
+    table, report = dup_sample
+    # Same plan only without bad images: compare the rows that no bad image shifts.
+    fast, groups = sample_embeddings(160, seed=3, duplicates=0.15)
+    assert fast["key"].to_pylist() == list(range(160))
+    again = sample_table(160, seed=3, duplicates=0.15)
+    np.testing.assert_allclose(  # copies are normalised in one go: float32 rounding apart
+        np.stack(fast["img_emb"].to_numpy(zero_copy_only=False)),
+        np.stack(again["img_emb"].to_numpy(zero_copy_only=False)),
+        atol=1e-6,
+    )
+    assert groups == duplicate_plan(160, seed=3, duplicates=0.15)
+    assert report.duplicate_groups == duplicate_plan(
+        160, seed=3, duplicates=0.15, bad_fraction=0.05
+    )
+
+
+def test_duplicates_out_of_range():
+    with pytest.raises(LaionRayError, match="duplicates"):
+        sample_table(10, duplicates=0.6)
