@@ -106,7 +106,8 @@ def test_readme_demo_command_runs_as_written():
         assert proc.returncode == 0, proc.stdout[-3000:]
         # pip speaks first; the demo's account starts at its own first line.
         out = proc.stdout[proc.stdout.index("laion-ray demo in") :]
-        for step in ("sample", "backfill", "re-embed", "merge labels", "IVF_PQ", "ANN search"):
+        steps = ("sample", "backfill", "heads", "merge labels", "re-embed", "CLIP score")
+        for step in (*steps, "near-duplicates", "IVF_PQ", "ANN search"):
             assert step in out, step
         assert "RANDOM WEIGHTS" in out
         for where in ("recall.png", "laion-ray info", "laion-ray history", "laion-ray errors"):
@@ -118,16 +119,31 @@ def test_readme_demo_command_runs_as_written():
         ds = lance.dataset(uri)
         new_embedding = "img_emb_vit_s_32"  # clip-embed's column for the demo's model
         table = ds.to_table(
-            columns=["aspect_ratio", "moderation_label", new_embedding, "aesthetic_score"]
+            columns=[
+                "aspect_ratio",
+                "moderation_label",
+                new_embedding,
+                "rating",
+                "clip_score",
+                "aesthetic_score",
+                "nsfw_score",
+                "is_duplicate",
+            ]
         )
         assert table.num_rows == 1000
         assert table["moderation_label"].null_count == 0
-        assert table["aesthetic_score"].null_count == 0  # every key has a label
+        assert table["rating"].null_count == 0  # every key has a label
         # Null exactly where the sample injected bad images (1% of 1000).
         assert 0 < table[new_embedding].null_count <= 10
+        assert table["clip_score"].null_count == table[new_embedding].null_count
+        assert table["aesthetic_score"].null_count == 0  # over the card's stored img_emb
+        nsfw = table["nsfw_score"].to_numpy(zero_copy_only=False)
+        assert nsfw.min() >= 0 and nsfw.max() <= 1
+        dups = table["is_duplicate"]
+        assert dups.null_count == 0 and sum(dups.to_pylist()) == round(1000 * 0.05)
         assert [i["name"] for i in ds.list_indices()] == ["img_emb_idx"]
         assert "rules-v1" in ds.tags.list()
-        assert len(job_history(uri)) >= 3
+        assert len(job_history(uri)) >= 5
         assert (demo_dir / "recall.png").stat().st_size > 0
     finally:
         shutil.rmtree(demo_dir, ignore_errors=True)
