@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-PUBLIC = ["backfill", "merge", "reindex", "search", "materialize", "udf", "register", "UDF"]
+PUBLIC = ["backfill", "merge", "reindex", "search", "materialize", "dedup", "udf", "register", "UDF"]
 
 PROBE = """
 import json, sys
@@ -15,7 +15,7 @@ import laion_ray
 first = {n: getattr(laion_ray, n) for n in NAMES}
 heavy = sorted(m for m in ("ray", "torch", "open_clip") if m in sys.modules)
 # Importing the implementation modules must not rebind the public names.
-import laion_ray.backfill, laion_ray.merge, laion_ray.search, laion_ray.materialize, laion_ray.udf
+import laion_ray.backfill, laion_ray.merge, laion_ray.search, laion_ray.materialize, laion_ray.udf, laion_ray.dedup
 from laion_ray.merge import source
 from laion_ray import udf
 second = {n: getattr(laion_ray, n) for n in NAMES}
