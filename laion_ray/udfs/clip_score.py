@@ -35,7 +35,7 @@ from laion_ray.clip_model import (
 from laion_ray.engine.commit import UDF_METADATA
 from laion_ray.errors import LaionRayError
 from laion_ray.udf import UDF, register
-from laion_ray.udfs.clip import _model_resources, check_name, list_to_numpy
+from laion_ray.udfs.clip import check_name, list_to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,12 @@ class ClipScore:
     ) -> None:
         import torch
 
+        from laion_ray.cluster import actor_device
+
+        # Decided here, on the worker: the driver's hardware says nothing about it.
+        device = actor_device(device)
+        if device == "cpu" and precision == "fp16":  # a GPU actor that fell back
+            precision = None
         self.net, _, self.tokenizer, info = load_clip(
             model,
             pretrained=pretrained,
@@ -213,15 +219,11 @@ def make_clip_score(
     column = check_name(column, "column")
     if column in (embedding_column, caption_column):
         raise LaionRayError(f"clip-score would overwrite its own input {column!r}")
-    device, model_resources = _model_resources(device)
-    if not device.startswith("cuda"):
-        # Captions are short work next to clip-embed's image actor: half a CPU,
-        # like moderation-clip, so that actor, this one and the read tasks fit
-        # on a 2-CPU node.
-        model_resources = {**model_resources, "num_cpus": 0.5}
-    resolve_precision(precision, device)
+    if device is not None and device != "cpu" and not device.startswith("cuda"):
+        raise LaionRayError(f"device must be cpu or cuda, got {device!r}")
+    resolve_precision(precision, device or "cuda")
     if batch_size is None:
-        batch_size = 256 if device.startswith("cuda") else 64
+        batch_size = 64 if device == "cpu" else 256
     if not isinstance(batch_size, int) or batch_size < 1:
         raise LaionRayError(f"batch_size must be a positive integer, got {batch_size!r}")
     identity = {
@@ -258,6 +260,8 @@ def make_clip_score(
             params=params,
             batch_size=batch_size,
             validate=validate,
-            **model_resources,
+            # Captions are short work next to clip-embed's image actor: half a
+            # CPU, like moderation-clip; GPUs and pool size are the planner's.
+            num_cpus=0.5,
         ).with_options(**resources)
     ]
