@@ -83,7 +83,9 @@ def test_unit_plan_is_lazy_and_matches_the_unit_list(table):
 def test_ray_path_in_waves_computes_every_unit(table, ray_session, monkeypatch):
     monkeypatch.setattr(engine_run, "WAVE_MIN_UNITS", 4)
     monkeypatch.setattr(engine_run, "WAVE_MAX_UNITS", 4)  # 18 units: 5 waves
-    report = backfill(table, udfs=["helpers:fail_on_keys"], unit_rows=40, executor="ray")
+    report = backfill(
+        table, udfs=["helpers:fail_on_keys"], unit_rows=40, executor="ray", max_error_fraction=1
+    )
     assert report.units_total == 18 and report.units_resumed == 0
     assert report.rows_processed == ROWS and report.rows_failed == len(BAD)
     _assert_key_check(table)
