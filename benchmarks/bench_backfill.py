@@ -13,7 +13,7 @@ Lines printed:
    ``LanceDataset.add_columns`` with two SQL expressions (target >= 0.25).
 3. ``fixed overhead``: wall time of each on a 1k-row table (Ray already up).
 4. ``(kill at ~50% + rerun) / clean run wall time``: the CLI as a subprocess with
-   a slow UDF (``benchmarks/slow_udf.py``), SIGKILLed at ~50% of the ledger,
+   a slow UDF (``benchmarks/slow_udf.py``), SIGKILLed at ~50% of the checkpointed rows,
    rerun to completion (target <= 1.15). Three ways: ``--executor auto`` (the
    local executor for this job), ``--executor ray`` attached to a running Ray
    (as on a cluster: the kill takes only the driver), and ``--executor ray``
@@ -240,7 +240,7 @@ def kill_and_resume(
     executor: str,
     ray_address: str | None = None,
 ) -> dict:
-    """Clean run, then a run SIGKILLed at ~50% of the ledger plus its rerun.
+    """Clean run, then a run SIGKILLed at ~50% of the checkpointed rows plus its rerun.
 
     With ``ray_address`` the CLI attaches to that running Ray, as a job on a
     cluster does, and the kill takes only the driver; without it each CLI
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
             lines.append(
                 f"(kill at ~50% + rerun) / clean run wall time, {label} = "
                 f"{k['ratio']:.2f} (target <= 1.15)  [clean {k['clean_s']:.1f}s; killed after"
-                f" {k['killed_s']:.1f}s at {k['ledger_rows_at_kill']}/{kill_rows} ledger rows;"
+                f" {k['killed_s']:.1f}s at {k['ledger_rows_at_kill']}/{kill_rows} checkpointed rows;"
                 f" rerun {k['rerun_s']:.1f}s; {units} units of {args.kill_unit_rows} rows,"
                 f" {parallel} at a time, {delay}s each"
                 + ("" if address else f"; bare Ray start {res['ray_startup_s']:.1f}s")

@@ -83,7 +83,9 @@ def test_unit_plan_is_lazy_and_matches_the_unit_list(table):
 def test_ray_path_in_waves_computes_every_unit(table, ray_session, monkeypatch):
     monkeypatch.setattr(engine_run, "WAVE_MIN_UNITS", 4)
     monkeypatch.setattr(engine_run, "WAVE_MAX_UNITS", 4)  # 18 units: 5 waves
-    report = backfill(table, udfs=["helpers:fail_on_keys"], unit_rows=40, executor="ray")
+    report = backfill(
+        table, udfs=["helpers:fail_on_keys"], unit_rows=40, executor="ray", max_error_fraction=1
+    )
     assert report.units_total == 18 and report.units_resumed == 0
     assert report.rows_processed == ROWS and report.rows_failed == len(BAD)
     _assert_key_check(table)
@@ -236,3 +238,50 @@ def test_a_checkpoint_that_stays_unreadable_stops_the_job_and_keeps_it(table):
         )
     assert lance.dataset(table).version == version
     assert len(_checkpoint(table).finished_units()) == 18  # not replaced by a new plan
+
+
+# --- the same checkpoint on an object store ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_checkpoint_on_s3_resumes_from_part_names(s3_server, tmp_path):
+    """Local executor over a dataset in (moto) S3: parts, summaries and resume."""
+    uri = s3_server.uri("ckpt", "d.lance")
+    opts = s3_server.storage_options
+    local = str(tmp_path / "d.lance")
+    write_sample(local, rows=ROWS, fragments=6, seed=1)
+    lance.write_dataset(
+        lance.dataset(local).to_table(), uri, max_rows_per_file=100, storage_options=opts
+    )
+    with pytest.raises(LaionRayError, match="max-error-fraction"):
+        backfill(
+            uri,
+            udfs=["helpers:fail_on_keys"],
+            unit_rows=40,
+            executor="local",
+            max_error_fraction=0.0,
+            storage_options=opts,
+        )
+    (name,) = [  # the one job under the checkpoint root, listed through the same store
+        i.base_name
+        for i in ckpt.JobCheckpoint(checkpoint_root(uri), "x", opts)._list(
+            checkpoint_root(uri) + "/jobs"
+        )
+    ]
+    checkpoint = ckpt.JobCheckpoint(checkpoint_root(uri), name, opts)
+    assert checkpoint.load_manifest() is not None
+    assert sorted(checkpoint.finished_units()) == list(range(18))
+    with injected_io_errors("list", count=1):
+        report = backfill(
+            uri,
+            udfs=["helpers:fail_on_keys"],
+            unit_rows=40,
+            executor="local",
+            max_error_fraction=1,
+            storage_options=opts,
+        )
+    assert report.units_resumed == 18 and report.rows_processed == 0
+    assert ckpt.JobCheckpoint(checkpoint_root(uri), name, opts).load_manifest() is None
+    table = lance.dataset(uri, storage_options=opts).to_table(columns=["key", "key_check"])
+    for key, value in zip(*table.to_pydict().values(), strict=True):
+        assert value == (None if key in BAD else 2 * key), key
