@@ -401,23 +401,33 @@ def _dup_plan(
 ) -> dict[int, tuple[int, str]]:
     """Copy key -> (source key, kind) for ``round(rows * duplicates)`` rows (at least one).
 
-    Copies are good rows of this range; sources are good, non-copy keys below
-    the range's end, drawn with replacement, so some groups have several copies.
+    A key may be a copy or a source, never both, whatever the plan (a hash of
+    the key and seed decides), so rows appended with :func:`sample_table` can
+    copy rows written earlier without copying a copy. Copies are good rows of
+    this range; sources are good keys below the range's end, drawn with
+    replacement, so some groups have several copies.
     """
     if duplicates <= 0:
         return {}
-    good = np.setdiff1d(np.arange(start_key, start_key + rows), np.fromiter(bad, np.int64))
-    n_dup = min(len(good) // 2, max(1, round(rows * duplicates)))
+    keys = np.arange(start_key, start_key + rows)
+    bad_keys = np.fromiter(bad, np.int64)
+    eligible = np.setdiff1d(keys[_may_copy(keys, seed)], bad_keys)
+    n_dup = min(len(eligible), max(1, round(rows * duplicates)))
     rng = np.random.default_rng([_STREAM_DUP, seed, start_key, rows])
-    copies = np.sort(rng.choice(good, size=n_dup, replace=False))
-    pool = np.setdiff1d(
-        np.arange(start_key + rows), np.concatenate([copies, np.fromiter(bad, np.int64)])
-    )
+    copies = np.sort(rng.choice(eligible, size=n_dup, replace=False))
+    below = np.arange(start_key + rows)
+    pool = np.setdiff1d(below[~_may_copy(below, seed)], bad_keys)
     sources = rng.choice(pool, size=n_dup)
     return {
         int(c): (int(s), DUPLICATE_KINDS[i % len(DUPLICATE_KINDS)])
         for i, (c, s) in enumerate(zip(copies, sources, strict=True))
     }
+
+
+def _may_copy(keys: np.ndarray, seed: int) -> np.ndarray:
+    """Half of the keys (by a Fibonacci hash) may be copies; the others may be sources."""
+    mixed = (keys.astype(np.uint64) + np.uint64(seed)) * np.uint64(11400714819323198485)
+    return ((mixed >> np.uint64(40)) & np.uint64(1)).astype(bool)
 
 
 def _groups(dups: Mapping[int, tuple[int, str]]) -> dict[int, list[int]]:
