@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from laion_ray.cluster import cluster_capacity
 from laion_ray.dedup.tasks import (
     Chunk,
     assign_chunk,
@@ -405,7 +406,9 @@ def _group(ds, report, scratch, read_columns, partitions, max_rows, sample_rate,
 
     # 1. Sample in parallel (the index build's sampler), train and plan on a worker.
     parts = partitions or default_partitions(rows, PARTITION_ROWS)
-    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # Sized from the cluster (nodes the autoscaler can add included), never the driver.
+    capacity = cluster_capacity()
+    workers = capacity.worker_count(workers)
     n_train = min(rows, parts * sample_rate)
     none = np.empty(0, np.int64)
     picks = {fid: (round(n_train * r / rows) if rows else 0, none) for fid, r in frags}
@@ -422,7 +425,7 @@ def _group(ds, report, scratch, read_columns, partitions, max_rows, sample_rate,
     if report.sample_rows < parts:
         parts = max(1, report.sample_rows)
     report.partitions = parts
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    use_gpu = capacity.gpus >= 1
     plan, n_groups = (
         remote(train_plan)
         .options(num_gpus=1 if use_gpu else 0, num_returns=2)
