@@ -480,24 +480,21 @@ def test_a_commit_that_loses_the_race_re_assembles_only_the_fragments_that_chang
     assert [job for job, _ in ops] == ["B", "A"] and ops[0][1] == raced[0] + 1
 
 
-def _stamp(uri: str, job: int, executor: str = "local", **options) -> object:
+def _stamp(uri: str, job: int, **options) -> object:
     return backfill(
         uri,
         udfs=["helpers:stamp"],
         udf_params={"helpers:stamp": {"job": job}},
         unit_rows=UNIT_ROWS,
-        executor=executor,
+        executor="local",
         **options,
     )
 
 
-@pytest.mark.parametrize("executor", ["local", "ray"])
 def test_no_lost_update_when_another_job_commits_the_column_between_assembly_and_commit(
-    tmp_path, monkeypatch, request, executor
+    tmp_path, monkeypatch
 ):
     """Job A assembles, job B commits the same column on other rows, then A commits."""
-    if executor == "ray":  # A's assembly and re-assembly run as Ray tasks
-        request.getfixturevalue("ray_session")
     uri = str(tmp_path / "d.lance")
     write_sample(uri, rows=300, fragments=3, seed=10)
     _stamp(uri, 0)  # every row: key * 10
@@ -512,8 +509,8 @@ def test_no_lost_update_when_another_job_commits_the_column_between_assembly_and
         return real_replace(dataset_uri, files, *args, **kwargs)
 
     monkeypatch.setattr(engine_run, "replace_column_files", b_commits_first)
-    a = _stamp(uri, 1, executor, where="key % 2 = 0", overwrite=True)
-    assert a.rows_processed == 150 and a.executor == executor
+    a = _stamp(uri, 1, where="key % 2 = 0", overwrite=True)
+    assert a.rows_processed == 150
 
     table = _sorted_table(uri)
     expected = [
