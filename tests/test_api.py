@@ -7,7 +7,17 @@ import json
 import subprocess
 import sys
 
-PUBLIC = ["backfill", "merge", "reindex", "search", "materialize", "dedup", "udf", "register", "UDF"]
+PUBLIC = [
+    "backfill",
+    "merge",
+    "reindex",
+    "search",
+    "materialize",
+    "dedup",
+    "udf",
+    "register",
+    "UDF",
+]
 
 PROBE = """
 import json, sys
