@@ -546,19 +546,24 @@ def test_a_part_deleted_between_its_write_and_the_commit_fails_the_job(tmp_path,
 
     def lose_a_part(self, address):
         if not lost:
-            unit = next(u for u in self.units if u.fragment_id == 1)
-            lost.append(self.done[unit.index].paths[0])
+            lost.append(self.checkpoint.fragment_parts(1)[0][0])
             os.remove(lost[0])
         return real_commit_ready(self, address)
 
     monkeypatch.setattr(engine_run._Run, "_commit_ready", lose_a_part)
-    with pytest.raises(LaionRayError, match=r"^fragment 1: a checkpoint part of unit 2 "):
+    with pytest.raises(LaionRayError, match=r"^fragment 1: its checkpoint holds parts for 50 of"):
         _ratio_local(uri)
     ds = lance.dataset(uri)
     assert "ar_held" not in ds.schema.names or ds.to_table()["ar_held"].null_count == 300
     assert not [e for e in job_history(uri) if e["operation"] == "DataReplacement"]
     before = {f.name for f in (Path(uri) / "data").iterdir()}
     assert len(before) == 3, "the failed assembly left a column file behind"
+
+    monkeypatch.undo()
+    report = _ratio_local(uri)  # the unit without its part is recomputed, the rest resumed
+    assert report.rows_processed == 50 and report.rows_resumed == 250
+    table = lance.dataset(uri).to_table(columns=["width", "height", "ar_held"])
+    assert table["ar_held"].to_pylist() == _expected_ratio(table)
 
 
 def test_a_unit_that_lost_its_records_fails_the_job_and_the_rerun_recomputes_it(
@@ -569,10 +574,12 @@ def test_a_unit_that_lost_its_records_fails_the_job_and_the_rerun_recomputes_it(
     write_sample(uri, rows=300, fragments=3, seed=12)
     real_records = engine_run._Run._local_records
 
-    def drop_fragment_2(self, todo, skip_keys):
-        for records in real_records(self, todo, skip_keys):
-            unit_fragments = [self.units[u].fragment_id for u in records["unit"].to_pylist()]
-            keep = [f != 2 for f in unit_fragments]
+    def drop_fragment_2(self):
+        for records in real_records(self):
+            keep = [
+                self.plan.states[self.plan.fragment_of(u)].fragment_id != 2
+                for u in records["unit"].to_pylist()
+            ]
             yield records.filter(pa.array(keep))
 
     monkeypatch.setattr(engine_run._Run, "_local_records", drop_fragment_2)
@@ -583,8 +590,9 @@ def test_a_unit_that_lost_its_records_fails_the_job_and_the_rerun_recomputes_it(
     assert not [e for e in job_history(uri) if e["operation"] == "DataReplacement"]
 
     monkeypatch.undo()
-    report = _ratio_local(uri)  # units without records are recomputed, the rest resumed
-    assert report.rows_processed == 100 and report.rows_resumed == 200
+    # The rerun finds fragment 2's parts (a part's file is its record) and resumes them.
+    report = _ratio_local(uri)
+    assert report.rows_processed + report.rows_resumed == 300
     table = lance.dataset(uri).to_table(columns=["width", "height", "ar_held"])
     assert table["ar_held"].to_pylist() == _expected_ratio(table)
 

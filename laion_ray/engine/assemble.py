@@ -136,9 +136,8 @@ def assemble_fragment(
             raise MissingPart(
                 f"fragment {fragment_id}: a checkpoint part of unit {unit.index} (rows "
                 f"{unit.start}-{unit.end}) is missing ({brief(exc)}); nothing of fragment "
-                f"{fragment_id} was committed. The ledger counts that unit as finished, so "
-                f"delete this job's checkpoint ({paths[0].rsplit('/parts/', 1)[0]}) and "
-                "rerun to recompute it"
+                f"{fragment_id} was committed. Rerun the same command: a unit without its "
+                "parts is recomputed"
             ) from exc
         if part is not None and part.num_rows:
             offsets = part[ROWADDR].to_numpy().astype(np.int64) - (fragment_id << 32) - unit.start

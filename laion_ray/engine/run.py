@@ -42,7 +42,7 @@ from laion_ray.storage import filesystem, open_dataset
 from laion_ray.udf import TASK_CPUS
 
 from . import checkpoint as ckpt
-from .assemble import assemble_fragment
+from .assemble import MissingPart, assemble_fragment
 from .commit import (
     UDF_METADATA,
     add_columns,
@@ -758,6 +758,7 @@ class _Run:
                 self.job.outputs,
                 self.storage_options,
                 latest.version,
+                self.ledger.counts(f)[0],
             )
             for f in fragments
         ]
@@ -797,9 +798,22 @@ def _assemble_from_parts(
     schema: pa.Schema,
     storage_options: Mapping[str, str] | None,
     version: int,
+    rows_computed: int,
 ):
-    """Assemble task: list the fragment's finished parts, then build its column file."""
+    """Assemble task: list the fragment's finished parts, then build its column file.
+
+    The parts must hold the ``rows_computed`` rows the driver counted: a part
+    lost since its write would otherwise leave its rows at their old values.
+    """
     finished = ckpt.finished_units(checkpoint.fragment_parts(fragment_id))
+    found = sum(u.rows for u in finished.values())
+    if found != rows_computed:
+        raise MissingPart(
+            f"fragment {fragment_id}: its checkpoint holds parts for {found} of the "
+            f"{rows_computed} rows this job computed, so a part is missing; nothing of "
+            f"fragment {fragment_id} was committed. Rerun the same command: units without "
+            "their parts are recomputed"
+        )
     units = []
     for k, start in enumerate(range(0, physical_rows, unit_rows)):
         unit = WorkUnit(first_unit + k, fragment_id, start, min(start + unit_rows, physical_rows))
