@@ -178,7 +178,7 @@ class _StagePipeline:
                     batch_format="pyarrow",
                     num_cpus=stage.num_cpus,
                     num_gpus=stage.num_gpus or None,
-                    concurrency=stage.concurrency,
+                    compute=_actor_pool(stage.concurrency),
                 )
             else:
                 if group and (group[0][0].num_cpus, group[0][0].num_gpus) != (
@@ -188,6 +188,18 @@ class _StagePipeline:
                     data = flush(data)
                 group.append((stage, upstream, keep))
         return flush(data)
+
+
+def _actor_pool(concurrency: int | tuple[int, ...]):
+    """Ray Data's actor pool for a planned ``concurrency``: ``n`` or ``(min, max[, initial])``."""
+    from ray.data import ActorPoolStrategy
+
+    if isinstance(concurrency, int):
+        return ActorPoolStrategy(size=concurrency)
+    low, high, *initial = concurrency
+    return ActorPoolStrategy(
+        min_size=low, max_size=high, initial_size=initial[0] if initial else None
+    )
 
 
 def _local_transform(stages: Sequence[UDF], *, canary: bool = True):
