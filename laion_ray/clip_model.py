@@ -207,6 +207,23 @@ def check_source(
         )
 
 
+def load_clip_in_actor(
+    model: str, *, device: str | None, precision: str | None, **options: Any
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """:func:`load_clip` on the device Ray gave this actor.
+
+    Decided here, on the worker (:func:`laion_ray.cluster.actor_device`): the
+    driver's hardware says nothing about it. A GPU actor that finds no CUDA
+    device runs on the CPU, in fp32.
+    """
+    from laion_ray.cluster import actor_device
+
+    device = actor_device(device)
+    if device == "cpu" and precision == "fp16":
+        precision = None
+    return load_clip(model, device=device, precision=precision, **options)
+
+
 def load_clip(
     model: str,
     *,

@@ -36,7 +36,7 @@ from laion_ray.clip_model import (
     clip_spec,
     default_embedding_column,
     embed_texts,
-    load_clip,
+    load_clip_in_actor,
     model_slug,
     pixel_column,
     resolve_precision,
@@ -157,13 +157,7 @@ class ClipEmbed:
     ) -> None:
         import torch
 
-        from laion_ray.cluster import actor_device
-
-        # Decided here, on the worker: the driver's hardware says nothing about it.
-        device = actor_device(device)
-        if device == "cpu" and precision == "fp16":  # a GPU actor that fell back
-            precision = None
-        self.net, _, self.tokenizer, self.info = load_clip(
+        self.net, _, self.tokenizer, self.info = load_clip_in_actor(
             model,
             pretrained=pretrained,
             checkpoint=checkpoint,

@@ -21,7 +21,7 @@ from laion_ray.clip_model import (
     clip_spec,
     default_embedding_column,
     embed_texts,
-    load_clip,
+    load_clip_in_actor,
 )
 from laion_ray.errors import LaionRayError
 from laion_ray.udf import UDF, register
@@ -66,15 +66,12 @@ class ClipModeration:
     ) -> None:
         import torch
 
-        from laion_ray.cluster import actor_device
-
-        self.device = actor_device(device)  # the GPU Ray gave this actor, else the CPU
-        net, _, tokenizer, info = load_clip(
+        net, _, tokenizer, info = load_clip_in_actor(
             model,
             pretrained=pretrained,
             checkpoint=checkpoint,
             allow_random=random_weights,
-            device=self.device,
+            device=device,
             precision="fp32",
             seed=seed,
         )
