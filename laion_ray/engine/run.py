@@ -38,7 +38,7 @@ from laion_ray.error_log import (
 )
 from laion_ray.errors import LaionRayError, SystemicError
 from laion_ray.ray_env import ray_attached
-from laion_ray.storage import filesystem, open_dataset
+from laion_ray.storage import cached_dataset, filesystem, open_dataset
 from laion_ray.udf import TASK_CPUS
 
 from . import checkpoint as ckpt
@@ -718,7 +718,8 @@ class _Run:
         A unit that silently produced nothing never reaches a commit. Costs one
         count per fragment at commit time (a scan of the filter's columns).
         """
-        ds = open_dataset(
+        # The pinned version never changes: one open per process, shared with reads.
+        ds = cached_dataset(
             self.job.uri,
             version=self.manifest["read_version"],
             storage_options=self.storage_options,
