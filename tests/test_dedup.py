@@ -3,6 +3,7 @@ the keep rule, ``exact``, the incremental rerun and the CLI's bad input."""
 
 from __future__ import annotations
 
+import importlib
 import shutil
 
 import lance
@@ -114,7 +115,8 @@ def test_rerun_after_append_groups_only_the_new_rows(ray_session, sample, copy):
 
 
 def test_crash_before_write_back_resumes_without_regrouping(ray_session, sample, copy, monkeypatch):
-    import laion_ray.dedup as module
+    # The module, not the public function `laion_ray.dedup` that shares its name.
+    module = importlib.import_module("laion_ray.dedup")
 
     def driver_dies(*args, **kwargs):
         raise KeyboardInterrupt
