@@ -75,7 +75,8 @@ class ClipModeration:
             precision="fp32",
             seed=seed,
         )
-        device = torch.device(info["device"])
+        self.device = info["device"]  # where it ran, for the job report
+        device = torch.device(self.device)
         self.labels = list(prompts)
         rows = []
         for label in self.labels:
