@@ -7,6 +7,9 @@ runs are in tests/test_cluster_resources.py.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pyarrow as pa
 import pytest
 
@@ -15,7 +18,6 @@ from laion_ray.cluster import (
     DECODE_CPUS_PER_GPU,
     Capacity,
     Overrides,
-    actor_device,
     cluster_capacity,
     describe_plan,
     format_stages,
@@ -137,13 +139,20 @@ def test_report_lines_say_what_ran_where():
 
 
 def test_device_outside_ray_is_this_process():
-    import torch
-
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert actor_device() == expected and actor_device("cpu") == "cpu"
-    if not torch.cuda.is_available():
-        with pytest.raises(LaionRayError, match="CUDA is not available"):
-            actor_device("cuda")
+    """In a fresh interpreter: the session's Ray, if up, would make this a driver."""
+    code = """
+import pytest, torch
+from laion_ray.cluster import actor_device
+from laion_ray.errors import LaionRayError
+expected = "cuda" if torch.cuda.is_available() else "cpu"
+assert actor_device() == expected and actor_device("cpu") == "cpu"
+if not torch.cuda.is_available():
+    with pytest.raises(LaionRayError, match="CUDA is not available"):
+        actor_device("cuda")
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_capacity_reads_the_autoscaler_node_types(ray_session):
