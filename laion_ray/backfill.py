@@ -103,7 +103,9 @@ def _steps(stages: Sequence[UDF]) -> list[tuple[UDF, set[str], list[str]]]:
     for i, stage in enumerate(stages):
         later = [c for s in stages[i + 1 :] for c in s.inputs]
         so_far = [c for s in stages[:i] for c in (*s.stored_outputs, error_column(s))]
-        steps.append((stage, set(produced), [ROWADDR, UNIT, UNIT_ROWS, KEY, *so_far, *later]))
+        # A column made earlier and read later is named twice: keep it once.
+        keep = list(dict.fromkeys([ROWADDR, UNIT, UNIT_ROWS, KEY, *so_far, *later]))
+        steps.append((stage, set(produced), keep))
         produced.update(stage.outputs)
     return steps
 

@@ -191,7 +191,9 @@ def plan_stages(stages: Sequence[UDF], capacity: Capacity, overrides: Overrides)
         A :class:`Plan`; function stages keep their per-task resources.
     """
     overrides.validate()
-    planned, gpu_actors, actor_cpus = [], 0.0, 0.0
+    planned: list[UDF] = []
+    cpu_starts: list[tuple[int, int]] = []  # (stage, actors it starts) of CPU actor pools
+    gpu_actors = 0.0
     # Present capacity is shared out as each pool's initial size: nodes that are
     # up are paid for, and loading a model is slow, so they all start at once.
     pools = max(1, sum(1 for s in stages if s.is_actor and s.concurrency is None))
@@ -215,10 +217,16 @@ def plan_stages(stages: Sequence[UDF], capacity: Capacity, overrides: Overrides)
         most = max(1, overrides.max_actors or most)
         initial = min(most, max(1, present // pools))
         pool = stage.concurrency or ((1, most, initial) if most > 1 else 1)
-        top = pool if isinstance(pool, int) else pool[1]
-        gpu_actors += top * per_actor
-        actor_cpus += top * stage.num_cpus
+        if not per_actor:
+            cpu_starts.append((len(planned), pool if isinstance(pool, int) else pool[2]))
+        gpu_actors += (pool if isinstance(pool, int) else pool[1]) * per_actor
         planned.append(stage.with_options(num_gpus=per_actor, concurrency=pool, **changes))
+    _fit_cpu_actors(planned, cpu_starts, cpus_now)
+    actor_cpus = sum(
+        (s.concurrency if isinstance(s.concurrency, int) else s.concurrency[1]) * s.num_cpus
+        for s in planned
+        if s.is_actor
+    )
     decode_cpus = overrides.decode_cpus
     if decode_cpus is None and gpu_actors:
         decode_cpus = min(capacity.cpus, DECODE_CPUS_PER_GPU * gpu_actors) or None
@@ -228,6 +236,24 @@ def plan_stages(stages: Sequence[UDF], capacity: Capacity, overrides: Overrides)
         # checkpoint writes share ``decode_cpus``; the model actors keep theirs.
         cpu_limit = decode_cpus + actor_cpus
     return Plan(planned, cpu_limit, capacity, decode_cpus)
+
+
+def _fit_cpu_actors(planned: list[UDF], starts: Sequence[tuple[int, int]], cpus: float) -> None:
+    """Scale down the CPU asks of CPU model actors that would start on too few CPUs.
+
+    Every pool starts its actors at once and they hold their CPUs for the whole
+    job. If together they took all the CPUs that are up, the read and decode
+    tasks that feed them could never be scheduled, and Ray Data would wait
+    forever (three model stages on a 2-core laptop). So the starting actors get
+    at most ``CPU_MODEL_SHARE`` of those CPUs; an actor asking a fraction of a
+    CPU still runs (one torch thread, as with one CPU).
+    """
+    asked = sum(n * planned[i].num_cpus for i, n in starts)
+    room = cpus * CPU_MODEL_SHARE
+    if not cpus or asked <= room:
+        return
+    for i, _ in starts:
+        planned[i] = planned[i].with_options(num_cpus=planned[i].num_cpus * room / asked)
 
 
 def describe_plan(plan: Plan) -> list[dict[str, Any]]:

@@ -82,7 +82,8 @@ def test_unit_plan_is_lazy_and_matches_the_unit_list(table):
 
 def test_ray_path_in_waves_computes_every_unit(table, ray_session, monkeypatch):
     monkeypatch.setattr(engine_run, "WAVE_MIN_UNITS", 4)
-    monkeypatch.setattr(engine_run, "WAVE_MAX_UNITS", 4)  # 18 units: 5 waves
+    # 18 units of a narrow column, read 3 a task (a fragment each): one task a wave, 6 waves
+    monkeypatch.setattr(engine_run, "WAVE_MAX_UNITS", 4)
     report = backfill(
         table, udfs=["helpers:fail_on_keys"], unit_rows=40, executor="ray", max_error_fraction=1
     )

@@ -122,7 +122,7 @@ def test_readme_demo_command_runs_as_written():
 
         uri = str(demo_dir / "laion.lance")
         ds = lance.dataset(uri)
-        new_embedding = "img_emb_vit_s_32"  # clip-embed's column for the demo's model
+        new_embedding = "img_emb_tiny_clip_random"  # clip-embed's column for the demo's model
         table = ds.to_table(
             columns=[
                 "aspect_ratio",

@@ -24,8 +24,9 @@ from laion_ray.cluster import (
     plan_stages,
 )
 from laion_ray.errors import LaionRayError
-from laion_ray.udf import UDF
+from laion_ray.udf import TASK_CPUS, UDF
 from laion_ray.udfs.clip import make_clip_embed
+from laion_ray.udfs.clip_score import make_clip_score
 from laion_ray.udfs.moderation_clip import make_moderation_clip
 
 MODEL = {"model": "ViT-S-32", "random_weights": True}
@@ -71,6 +72,25 @@ def test_every_class_udf_gets_the_same_rules():
     for name in ("clip-embed", "moderation-clip", "user-model"):
         assert cpu_only[name].num_gpus == 0.0, name
         assert cpu_only[name].concurrency == (1, most, most // 3), name
+
+
+def test_cpu_actors_leave_room_for_the_tasks_that_feed_them():
+    # Three model pools on a 2-core laptop: one actor each at 1 + 0.5 + 1 CPU
+    # would take every CPU, and the decode tasks (and so the job) would wait forever.
+    laptop = Capacity.of({"CPU": 2})
+    plan = plan_stages([*_model_stages(), *make_clip_score(**MODEL)], laptop, Overrides())
+    actors = [s for s in plan.stages if s.is_actor]
+    assert [s.concurrency for s in actors] == [1] * len(actors)
+    asked = sum(s.num_cpus for s in actors)
+    assert asked == pytest.approx(2 * CPU_MODEL_SHARE)
+    assert 2 - asked >= TASK_CPUS  # a read/decode task still fits
+    # The asks keep their proportions; where they fit they are left alone.
+    by_name = {s.name: s for s in actors}
+    assert by_name["clip-embed"].num_cpus == 2 * by_name["moderation-clip"].num_cpus
+    roomy = plan_stages(_model_stages(), Capacity.of({"CPU": 16}), Overrides())
+    assert [s.num_cpus for s in roomy.stages if s.is_actor] == [
+        s.num_cpus for s in _model_stages() if s.is_actor
+    ]
 
 
 def test_autoscalable_gpus_count_although_none_is_up():

@@ -347,11 +347,17 @@ def test_clip_score_fused_and_reused_equal_open_clip(captioned, reference_clip, 
     lance.write_dataset(lance.dataset(captioned).to_table(), uri, max_rows_per_file=15)
     expected = _expected_scores(reference_clip, uri)
 
-    # Fused: one decode and one image embedding per row, one caption embedding.
-    params = {"clip-embed": MODEL, "clip-score": {**MODEL, "column": "clip_score"}}
-    stages = resolve_stages(["clip-embed", "clip-score"], params=params)
-    assert [s.name for s in stages] == ["clip-preprocess", "clip-embed", "clip-score"]
-    backfill(uri, udfs=["clip-embed", "clip-score"], udf_params=params, max_error_fraction=0.5)
+    # Fused: one decode and one image embedding per row, one caption embedding;
+    # a stage in between reads the same embeddings (as the demo runs them).
+    params = {
+        "clip-embed": MODEL,
+        "moderation-clip": MODEL,
+        "clip-score": {**MODEL, "column": "clip_score"},
+    }
+    fused = ["clip-embed", "moderation-clip", "clip-score"]
+    stages = resolve_stages(fused, params=params)
+    assert [s.name for s in stages] == ["clip-preprocess", *fused]
+    backfill(uri, udfs=fused, udf_params=params, max_error_fraction=0.5)
     assert lance.dataset(uri).schema.field("clip_score").type == pa.float64()
     _assert_close(_scores(uri, "clip_score"), expected)
 

@@ -70,12 +70,15 @@ log = logging.getLogger(__name__)
 MIN_ROWS_FOR_ERROR_GATE = 1000
 COMMIT_EVERY_S = 300.0
 KEY = "key"
-# Ray Data builds (and ray.puts) a read task per unit before it runs any, so
-# units go to it in waves: WAVE_ROUNDS units per read slot of the cluster,
-# within [WAVE_MIN_UNITS, WAVE_MAX_UNITS]. Driver memory is bounded by one wave.
+# Ray Data builds (and ray.puts) every read task before it runs any, so units go
+# to it in waves: WAVE_ROUNDS read tasks per read slot of the cluster, within
+# [WAVE_MIN_UNITS, WAVE_MAX_UNITS] units. Driver memory is bounded by one wave.
 WAVE_ROUNDS = 16
 WAVE_MIN_UNITS = 2048
 WAVE_MAX_UNITS = 32768
+# Units smaller than a task's worth of rows are read in runs of up to this many
+# per Ray task (see _Run._task_groups); the bound keeps waves many tasks wide.
+MAX_UNITS_PER_TASK = 64
 
 
 class AccountingError(LaionRayError):
@@ -327,6 +330,9 @@ def _run_leased(
     )
     run = _Run(job, manifest, checkpoint, root, storage_options, max_error_fraction, local, resumed)
     run.lease = lease
+    # A Ray task reads at least a default unit's worth of bytes, however small the units.
+    task_units = default_unit_rows(job.read_columns, ds.schema) // manifest["unit_rows"]
+    run.units_per_task = min(MAX_UNITS_PER_TASK, max(1, task_units))
     report = run.execute(retry_errors, commit_every_s, address)
     if tag:
         latest = open_dataset(job.uri, storage_options=storage_options)
@@ -378,6 +384,7 @@ class _Run:
         self.known_bad: dict = {}
         self.columns_ready = False
         self.lease: JobLease | None = None  # set by run_job; checked before every commit
+        self.units_per_task = 1  # set by run_job from the read columns' width
         self.started = time.monotonic()
         # Parts whose every row failed, kept until the canary settles: if it
         # finds a systemic failure they are deleted, so a rerun recomputes them.
@@ -465,26 +472,28 @@ class _Run:
             storage_options=self.storage_options,
         )
 
-    def _read_args(self, unit: WorkUnit) -> tuple:
-        known_bad = self.known_bad.get(unit.fragment_id)
+    def _read_args(self, units: list[WorkUnit]) -> tuple:
+        """``read_units``'s arguments for consecutive units of one fragment."""
+        known_bad = self.known_bad.get(units[0].fragment_id)
         return (
             self.job.uri,
             self.manifest["read_version"],
-            unit,
+            units,
             self.job.read_columns,
             self.manifest["filter"],
-            known_bad.keys_in(unit.start, unit.end) if known_bad else (),
+            known_bad.keys_in(units[0].start, units[-1].end) if known_bad else (),
             self.storage_options,
         )
 
-    def _wave_units(self) -> int | None:
-        """Units per Ray Data execution (None: all at once), sized by the cluster."""
+    def _wave_tasks(self) -> int | None:
+        """Read tasks per Ray Data execution (None: all at once), sized by the cluster."""
         if not self.job.per_unit:
             return None
         import ray
 
         slots = ray.cluster_resources().get("CPU", 1.0) / TASK_CPUS
-        return int(min(WAVE_MAX_UNITS, max(WAVE_MIN_UNITS, WAVE_ROUNDS * slots)))
+        units = min(WAVE_MAX_UNITS, max(WAVE_MIN_UNITS, WAVE_ROUNDS * slots * self.units_per_task))
+        return max(1, int(units) // self.units_per_task)
 
     def _ray_records(self, address) -> Iterator[pa.Table]:
         """Part records from Ray Data pipelines (read -> transform -> parts), one per wave."""
@@ -500,13 +509,13 @@ class _Run:
         # Ray 2.60 has no named max_retries for reads yet; ray_remote_args warns.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
         part_args = self._part_args()
-        units, size = self._todo(), self._wave_units()
-        while wave := list(itertools.islice(units, size)):
-            source = UnitDatasource([self._read_args(u) for u in wave])
+        groups, per_wave = self._task_groups(), self._wave_tasks()
+        while wave := list(itertools.islice(groups, per_wave)):
+            source = UnitDatasource([self._read_args(group) for group in wave])
             read = ray.data.read_datasource(
                 source,
                 num_cpus=TASK_CPUS,
-                override_num_blocks=len(wave),  # one block per unit: no re-splitting
+                override_num_blocks=len(wave),  # one block per group: no re-splitting
                 ray_remote_args={"max_retries": MAX_RETRIES},
             )
             # A stage's own error (SystemicError naming the stage), not Ray Data's
@@ -522,19 +531,35 @@ class _Run:
             )
             yield from data.iter_batches(batch_size=None, batch_format="pyarrow")
 
+    def _task_groups(self) -> Iterator[list[WorkUnit]]:
+        """Todo units in runs of up to ``units_per_task`` consecutive units of
+        one fragment, one Ray task each: units smaller than a task's worth of
+        rows refine the checkpoint without multiplying Ray's per-task cost
+        (tens of ms on a small machine, more than a small unit's work)."""
+        group: list[WorkUnit] = []
+        for unit in self._todo():
+            if group and (
+                unit.fragment_id != group[0].fragment_id or len(group) == self.units_per_task
+            ):
+                yield group
+                group = []
+            group.append(unit)
+        if group:
+            yield group
+
     def _local_records(self) -> Iterator[pa.Table]:
         """The same steps in this process: no Ray start, no scheduling.
 
-        Units run on a few threads: Lance reads, Arrow and numpy release the GIL.
-        At most two units per thread are queued, so memory does not grow with
-        the job.
+        Groups of units (as the Ray tasks get them) run on a few threads: Lance
+        reads, Arrow and numpy release the GIL. At most two groups per thread
+        are queued, so memory does not grow with the job.
         """
-        from .source import read_unit
+        from .source import read_units
 
         part_args = self._part_args()
 
-        def run_unit(unit: WorkUnit) -> pa.Table | None:
-            table = read_unit(*self._read_args(unit))
+        def run_group(group: list[WorkUnit]) -> pa.Table | None:
+            table = read_units(*self._read_args(group))
             if not table.num_rows:
                 return None
             return ckpt.write_parts(self.job.local_transform(table), **part_args)
@@ -542,8 +567,8 @@ class _Run:
         pool = ThreadPoolExecutor(LOCAL_THREADS, thread_name_prefix="laion-ray-unit")
         queued: collections.deque = collections.deque()
         try:
-            for unit in self._todo():
-                queued.append(pool.submit(run_unit, unit))
+            for group in self._task_groups():
+                queued.append(pool.submit(run_group, group))
                 while len(queued) >= 2 * LOCAL_THREADS or (queued and queued[0].done()):
                     if (records := queued.popleft().result()) is not None:
                         yield records
