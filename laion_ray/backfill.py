@@ -23,6 +23,7 @@ from laion_ray.cluster import (
     format_stages,
     placement_report,
     plan_stages,
+    shares_actor,
     start_placement_log,
 )
 from laion_ray.engine.commit import UDF_METADATA
@@ -134,7 +135,7 @@ class _StagePipeline:
         return placement_report(self.plan, self.placement)
 
     def __call__(self, data):
-        from laion_ray.engine.stages import MAX_RETRIES, ActorStage, task_stages
+        from laion_ray.engine.stages import MAX_RETRIES, ActorStage, Step, task_stages
 
         self.plan = plan_stages(self.stages, cluster_capacity(), self.overrides)
         if self.placement is None:  # one log for every wave of the job
@@ -147,49 +148,53 @@ class _StagePipeline:
         if self.plan.cpu_limit is not None:
             options = data.context.execution_options
             options.resource_limits = options.resource_limits.copy(cpu=self.plan.cpu_limit)
-        group: list[tuple[UDF, set[str], list[str]]] = []
+        tasks: list[Step] = []  # consecutive function stages: one task per block
+        actors: list[Step] = []  # consecutive class stages with one pool: one actor
 
         def flush(data):
-            if group:
-                first = group[0][0]
+            if tasks:
+                first = tasks[0][0]
                 data = data.map_batches(
                     task_stages,
-                    fn_kwargs=dict(steps=list(group), placement=self.placement, canary=self.canary),
+                    fn_kwargs=dict(steps=list(tasks), placement=self.placement, canary=self.canary),
                     batch_size=None,
                     batch_format="pyarrow",
                     num_cpus=first.num_cpus,
                     num_gpus=first.num_gpus or None,
                     max_retries=MAX_RETRIES,
                 )
-                group.clear()
-            return data
-
-        for stage, upstream, keep in _steps(self.plan.stages):
-            if stage.is_actor:
-                data = flush(data)
+            if actors:
+                first = actors[0][0]
                 data = data.map_batches(
                     ActorStage,
                     fn_constructor_kwargs=dict(
-                        stage=stage,
-                        upstream=upstream,
-                        keep=keep,
-                        placement=self.placement,
-                        canary=self.canary,
+                        steps=list(actors), placement=self.placement, canary=self.canary
                     ),
-                    batch_size=stage.batch_size,
+                    batch_size=first.batch_size,
                     batch_format="pyarrow",
-                    num_cpus=stage.num_cpus,
-                    num_gpus=stage.num_gpus or None,
-                    compute=_actor_pool(stage.concurrency),
+                    # The stages run one after the other in the actor's process.
+                    num_cpus=max(s.num_cpus for s, _, _ in actors),
+                    num_gpus=max(s.num_gpus or 0 for s, _, _ in actors) or None,
+                    compute=_actor_pool(first.concurrency),
                 )
-            else:
-                if group and (group[0][0].num_cpus, group[0][0].num_gpus) != (
-                    stage.num_cpus,
-                    stage.num_gpus,
-                ):
-                    data = flush(data)
-                group.append((stage, upstream, keep))
+            tasks.clear()
+            actors.clear()
+            return data
+
+        for step in _steps(self.plan.stages):
+            stage = step[0]
+            group, other = (actors, tasks) if stage.is_actor else (tasks, actors)
+            if other or (group and not _same_worker(group[0][0], stage)):
+                data = flush(data)
+            group.append(step)
         return flush(data)
+
+
+def _same_worker(a: UDF, b: UDF) -> bool:
+    """Whether two consecutive stages of one kind run in the same task or actor."""
+    if a.is_actor:
+        return shares_actor(a, b)
+    return (a.num_cpus, a.num_gpus) == (b.num_cpus, b.num_gpus)
 
 
 def _actor_pool(concurrency: int | tuple[int, ...]):

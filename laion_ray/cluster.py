@@ -192,11 +192,10 @@ def plan_stages(stages: Sequence[UDF], capacity: Capacity, overrides: Overrides)
     """
     overrides.validate()
     planned: list[UDF] = []
-    cpu_starts: list[tuple[int, int]] = []  # (stage, actors it starts) of CPU actor pools
-    gpu_actors = 0.0
     # Present capacity is shared out as each pool's initial size: nodes that are
     # up are paid for, and loading a model is slow, so they all start at once.
-    pools = max(1, sum(1 for s in stages if s.is_actor and s.concurrency is None))
+    # Consecutive model stages share one pool (see shares_actor).
+    pools = max(1, len(actor_groups(stages, lambda s: _wants_gpu(s, capacity, overrides))))
     gpus_now = capacity.gpus if capacity.gpus_now is None else capacity.gpus_now
     cpus_now = capacity.cpus if capacity.cpus_now is None else capacity.cpus_now
     for stage in stages:
@@ -217,16 +216,11 @@ def plan_stages(stages: Sequence[UDF], capacity: Capacity, overrides: Overrides)
         most = max(1, overrides.max_actors or most)
         initial = min(most, max(1, present // pools))
         pool = stage.concurrency or ((1, most, initial) if most > 1 else 1)
-        if not per_actor:
-            cpu_starts.append((len(planned), pool if isinstance(pool, int) else pool[2]))
-        gpu_actors += (pool if isinstance(pool, int) else pool[1]) * per_actor
         planned.append(stage.with_options(num_gpus=per_actor, concurrency=pool, **changes))
-    _fit_cpu_actors(planned, cpu_starts, cpus_now)
-    actor_cpus = sum(
-        (s.concurrency if isinstance(s.concurrency, int) else s.concurrency[1]) * s.num_cpus
-        for s in planned
-        if s.is_actor
-    )
+    groups = actor_groups(planned, lambda s: bool(s.num_gpus))
+    _fit_cpu_actors(planned, groups, cpus_now)
+    gpu_actors = sum(_actors(planned[g[0]])[1] * _ask(planned, g, "num_gpus") for g in groups)
+    actor_cpus = sum(_actors(planned[g[0]])[1] * _ask(planned, g, "num_cpus") for g in groups)
     decode_cpus = overrides.decode_cpus
     if decode_cpus is None and gpu_actors:
         decode_cpus = min(capacity.cpus, DECODE_CPUS_PER_GPU * gpu_actors) or None
@@ -238,22 +232,72 @@ def plan_stages(stages: Sequence[UDF], capacity: Capacity, overrides: Overrides)
     return Plan(planned, cpu_limit, capacity, decode_cpus)
 
 
-def _fit_cpu_actors(planned: list[UDF], starts: Sequence[tuple[int, int]], cpus: float) -> None:
+def shares_actor(a: UDF, b: UDF) -> bool:
+    """Whether class stage ``b``, right after class stage ``a``, runs in ``a``'s actor.
+
+    Model stages in a row (``clip-embed``, ``moderation-clip``, ``clip-score``)
+    share one process per actor: one torch import and one device each, not one
+    per stage. A stage whose pool differs (an explicit ``concurrency``) or that
+    runs on the other kind of device gets actors of its own.
+    """
+    if a.concurrency is not None and b.concurrency is not None:
+        return a.concurrency == b.concurrency and bool(a.num_gpus) == bool(b.num_gpus)
+    return False
+
+
+def actor_groups(stages: Sequence[UDF], wants_gpu: Any) -> list[list[int]]:
+    """Indices of the class stages, in runs that share an actor pool.
+
+    Before planning (``concurrency`` not set yet) stages group by ``wants_gpu``;
+    after it by :func:`shares_actor`.
+    """
+    groups: list[list[int]] = []
+    previous: UDF | None = None
+    for i, stage in enumerate(stages):
+        if not stage.is_actor:
+            previous = None
+            continue
+        if previous is not None and (
+            shares_actor(previous, stage)
+            if stage.concurrency is not None
+            else previous.concurrency is None and wants_gpu(previous) == wants_gpu(stage)
+        ):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+        previous = stage
+    return groups
+
+
+def _actors(stage: UDF) -> tuple[int, int]:
+    """(initial, most) actors of a planned pool."""
+    pool = stage.concurrency
+    return (pool, pool) if isinstance(pool, int) else (pool[2] if len(pool) > 2 else pool[0], pool[1])
+
+
+def _ask(planned: Sequence[UDF], group: Sequence[int], resource: str) -> float:
+    """One shared actor's ask: its stages run one after the other in it."""
+    return max(getattr(planned[i], resource) or 0.0 for i in group)
+
+
+def _fit_cpu_actors(planned: list[UDF], groups: Sequence[Sequence[int]], cpus: float) -> None:
     """Scale down the CPU asks of CPU model actors that would start on too few CPUs.
 
     Every pool starts its actors at once and they hold their CPUs for the whole
     job. If together they took all the CPUs that are up, the read and decode
     tasks that feed them could never be scheduled, and Ray Data would wait
-    forever (three model stages on a 2-core laptop). So the starting actors get
-    at most ``CPU_MODEL_SHARE`` of those CPUs; an actor asking a fraction of a
-    CPU still runs (one torch thread, as with one CPU).
+    forever (model pools on a 2-core laptop). So the starting actors get at
+    most ``CPU_MODEL_SHARE`` of those CPUs; an actor asking a fraction of a CPU
+    still runs (one torch thread, as with one CPU).
     """
-    asked = sum(n * planned[i].num_cpus for i, n in starts)
+    cpu_groups = [g for g in groups if not planned[g[0]].num_gpus]
+    asked = sum(_actors(planned[g[0]])[0] * _ask(planned, g, "num_cpus") for g in cpu_groups)
     room = cpus * CPU_MODEL_SHARE
     if not cpus or asked <= room:
         return
-    for i, _ in starts:
-        planned[i] = planned[i].with_options(num_cpus=planned[i].num_cpus * room / asked)
+    for group in cpu_groups:
+        for i in group:
+            planned[i] = planned[i].with_options(num_cpus=planned[i].num_cpus * room / asked)
 
 
 def describe_plan(plan: Plan) -> list[dict[str, Any]]:

@@ -145,6 +145,22 @@ def test_resume_lists_parts_and_summaries_and_recomputes_nothing(table):
     _assert_key_check(table)
 
 
+def test_resume_reads_only_the_units_left_between_finished_ones(table):
+    # Small units of a narrow column are read several to a task; a finished
+    # unit between two unfinished ones must split that read, not be read again.
+    _failed_run(table)
+    parts = Path(_checkpoint(table).uri) / "parts" / "0"
+    for part in parts.iterdir():
+        if part.name.split("_")[0] in ("0", "2"):  # units 0 and 2 of fragment 0; 1 stays
+            part.unlink()
+    report = backfill(
+        table, udfs=["helpers:fail_on_keys"], unit_rows=40, executor="local", max_error_fraction=1
+    )
+    assert report.units_resumed == 16
+    assert report.rows_processed == 40 + 20  # fragment 0 has 100 rows: units of 40, 40, 20
+    _assert_key_check(table)
+
+
 # --- 3. one dataset open per process -----------------------------------------------------
 
 

@@ -225,7 +225,7 @@ def test_a_model_that_fails_to_load_is_systemic():
             return batch
 
     with pytest.raises(SystemicError, match="probe: OSError: weights.pt"):
-        ActorStage(_stage(BrokenModel), set(), [])
+        ActorStage([(_stage(BrokenModel), set(), [])])
 
 
 # --- jobs, on both executors -----------------------------------------------------

@@ -18,6 +18,7 @@ from laion_ray.cluster import (
     DECODE_CPUS_PER_GPU,
     Capacity,
     Overrides,
+    actor_groups,
     cluster_capacity,
     describe_plan,
     format_stages,
@@ -62,34 +63,44 @@ def test_gpu_cluster_one_gpu_per_actor_up_to_gpu_capacity():
 
 def test_every_class_udf_gets_the_same_rules():
     cap = Capacity.of({"CPU": 16, "GPU": 2})
-    stages = _by_name(plan_stages(_model_stages(), cap, Overrides()))
+    plan = plan_stages(_model_stages(), cap, Overrides())
+    stages = _by_name(plan)
     for name in ("clip-embed", "moderation-clip", "user-model"):
         assert stages[name].num_gpus == 1.0, name
-        # Three pools share the two GPUs present as their initial size.
-        assert stages[name].concurrency == (1, 2, 1), name
+        # Model stages in a row share one pool: both GPUs present start at once.
+        assert stages[name].concurrency == (1, 2, 2), name
+    # ... and one actor: one GPU each, not one per stage (decode sized for 2 GPUs).
+    assert actor_groups(plan.stages, None) == [[1, 2, 3]]
+    assert plan.decode_cpus == 2 * DECODE_CPUS_PER_GPU
     cpu_only = _by_name(plan_stages(_model_stages(), Capacity.of({"CPU": 16}), Overrides()))
     most = int(16 * CPU_MODEL_SHARE)
     for name in ("clip-embed", "moderation-clip", "user-model"):
         assert cpu_only[name].num_gpus == 0.0, name
-        assert cpu_only[name].concurrency == (1, most, most // 3), name
+        assert cpu_only[name].concurrency == (1, most, most), name
+    # A stage with a pool of its own gets actors of its own.
+    fixed = USER.with_options(concurrency=1)
+    plan = plan_stages([*make_clip_embed(**MODEL), fixed], cap, Overrides())
+    assert actor_groups(plan.stages, None) == [[1], [2]]
 
 
 def test_cpu_actors_leave_room_for_the_tasks_that_feed_them():
-    # Three model pools on a 2-core laptop: one actor each at 1 + 0.5 + 1 CPU
-    # would take every CPU, and the decode tasks (and so the job) would wait forever.
+    # Two model pools on a 2-core laptop: their three actors at 1 CPU would take
+    # every CPU, and the decode tasks (and so the job) would wait forever.
     laptop = Capacity.of({"CPU": 2})
-    plan = plan_stages([*_model_stages(), *make_clip_score(**MODEL)], laptop, Overrides())
-    actors = [s for s in plan.stages if s.is_actor]
-    assert [s.concurrency for s in actors] == [1] * len(actors)
-    asked = sum(s.num_cpus for s in actors)
+    fixed = USER.with_options(concurrency=2)  # a pool of its own, two actors
+    plan = plan_stages([*_model_stages()[:3], fixed], laptop, Overrides())
+    groups = actor_groups(plan.stages, None)
+    assert groups == [[1, 2], [3]]
+    starting = [1, 2]  # actors each pool starts
+    asked = sum(n * max(plan.stages[i].num_cpus for i in g) for n, g in zip(starting, groups))
     assert asked == pytest.approx(2 * CPU_MODEL_SHARE)
     assert 2 - asked >= TASK_CPUS  # a read/decode task still fits
     # The asks keep their proportions; where they fit they are left alone.
-    by_name = {s.name: s for s in actors}
+    by_name = _by_name(plan)
     assert by_name["clip-embed"].num_cpus == 2 * by_name["moderation-clip"].num_cpus
-    roomy = plan_stages(_model_stages(), Capacity.of({"CPU": 16}), Overrides())
-    assert [s.num_cpus for s in roomy.stages if s.is_actor] == [
-        s.num_cpus for s in _model_stages() if s.is_actor
+    shared = plan_stages([*_model_stages(), *make_clip_score(**MODEL)], laptop, Overrides())
+    assert [s.num_cpus for s in shared.stages] == [
+        s.num_cpus for s in [*_model_stages(), *make_clip_score(**MODEL)]
     ]
 
 

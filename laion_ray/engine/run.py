@@ -532,14 +532,17 @@ class _Run:
             yield from data.iter_batches(batch_size=None, batch_format="pyarrow")
 
     def _task_groups(self) -> Iterator[list[WorkUnit]]:
-        """Todo units in runs of up to ``units_per_task`` consecutive units of
-        one fragment, one Ray task each: units smaller than a task's worth of
-        rows refine the checkpoint without multiplying Ray's per-task cost
-        (tens of ms on a small machine, more than a small unit's work)."""
+        """Todo units in runs of up to ``units_per_task`` adjacent units of one
+        fragment, one Ray task each: units smaller than a task's worth of rows
+        refine the checkpoint without multiplying Ray's per-task cost (tens of
+        ms on a small machine, more than a small unit's work). A finished unit
+        breaks a run (a resumed job must not read it again)."""
         group: list[WorkUnit] = []
         for unit in self._todo():
             if group and (
-                unit.fragment_id != group[0].fragment_id or len(group) == self.units_per_task
+                unit.index != group[-1].index + 1
+                or unit.fragment_id != group[0].fragment_id
+                or len(group) == self.units_per_task
             ):
                 yield group
                 group = []

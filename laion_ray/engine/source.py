@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -31,6 +32,8 @@ def read_units(
     user asks to retry errors. The dataset is opened once per process
     (:func:`cached_dataset`), not once per unit.
     """
+    if any(a.end != b.start or a.fragment_id != b.fragment_id for a, b in itertools.pairwise(units)):
+        raise ValueError(f"read_units needs adjacent units of one fragment, got {units}")
     ds = cached_dataset(uri, version=version, storage_options=storage_options)
     fragment_id = units[0].fragment_id
     base = fragment_id << 32

@@ -277,67 +277,76 @@ def _error_messages(rows: int, todo: np.ndarray, failures: list[tuple[int, str]]
     return pa.array(errors, pa.string())
 
 
-class ActorStage:
-    """Ray Data actor wrapper: the UDF's class is built once per actor.
-
-    With ``placement`` (a :class:`laion_ray.cluster.PlacementLog` name) the
-    actor reports its node and device once, for the job report.
-    """
-
-    def __init__(
-        self,
-        stage: UDF,
-        upstream: set[str],
-        keep: Sequence[str],
-        placement: str | None = None,
-        *,
-        canary: bool = True,
-    ):
-        self.stage, self.upstream, self.keep = stage, upstream, list(keep)
-        self.guard = StageGuard(stage, canary=canary)
-        try:
-            self.fn = stage.instantiate()
-        except LaionRayError:
-            raise
-        except Exception as exc:  # a model that fails to load fails every row
-            raise systemic_failure(stage.name, exc) from exc
-        if placement:
-            from laion_ray.cluster import record_actor
-
-            record_actor(placement, stage, self.fn)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return apply_stage(
-            self.fn, self.stage, batch, upstream=self.upstream, keep=self.keep, guard=self.guard
-        )
+Step = tuple[UDF, set[str], Sequence[str]]  # a stage, the in-run columns it skips on, columns kept
 
 
-def task_stages(
-    batch: pa.Table,
-    steps: Sequence[tuple[UDF, set[str], Sequence[str]]],
-    placement: str | None = None,
-    *,
-    canary: bool = True,
-) -> pa.Table:
-    """Ray Data task wrapper: consecutive function UDFs run in one task per block.
-
-    A whole block (one work unit) comes in, so the read, these stages and the
-    checkpoint write fuse into a single Ray task; each UDF still sees batches
-    of its own ``batch_size``. With ``placement`` the node is reported (once
-    per worker process) for the job report.
-    """
-    if placement:
-        from laion_ray.cluster import record_task
-
-        record_task(placement, [stage.name for stage, _, _ in steps])
+def _run_steps(batch: pa.Table, prepared: Sequence[tuple[Step, Callable, StageGuard]]) -> pa.Table:
+    """Each stage in turn over the whole block, in batches of its own ``batch_size``."""
     if isinstance(batch, pa.RecordBatch):
         batch = pa.Table.from_batches([batch])
-    for stage, upstream, keep in steps:
-        fn = stage.instantiate()
-        guard = StageGuard(stage, canary=canary)  # the canary and memory cap span the block
+    for (stage, upstream, keep), fn, guard in prepared:
         size = max(stage.batch_size, 1)
         slices = [batch.slice(i, size) for i in range(0, max(batch.num_rows, 1), size)]
         batch = pa.concat_tables(
             [apply_stage(fn, stage, s, upstream=upstream, keep=keep, guard=guard) for s in slices]
         )
     return batch
+
+
+class ActorStage:
+    """Ray Data actor wrapper: consecutive class UDFs built once per actor.
+
+    Stages that share an actor (the planner gives them the same pool, e.g.
+    ``clip-embed``, ``moderation-clip`` and ``clip-score``) run one after the
+    other on each block, in one process: one torch import and one set of model
+    loads per actor, one GPU instead of one per stage. With ``placement`` (a
+    :class:`laion_ray.cluster.PlacementLog` name) the actor reports its node and
+    each stage's device once, for the job report.
+    """
+
+    def __init__(
+        self,
+        steps: Sequence[Step],
+        placement: str | None = None,
+        *,
+        canary: bool = True,
+    ):
+        self.prepared = []
+        for stage, upstream, keep in steps:
+            try:
+                fn = stage.instantiate()
+            except LaionRayError:
+                raise
+            except Exception as exc:  # a model that fails to load fails every row
+                raise systemic_failure(stage.name, exc) from exc
+            if placement:
+                from laion_ray.cluster import record_actor
+
+                record_actor(placement, stage, fn)
+            self.prepared.append(((stage, upstream, keep), fn, StageGuard(stage, canary=canary)))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _run_steps(batch, self.prepared)
+
+
+def task_stages(
+    batch: pa.Table,
+    steps: Sequence[Step],
+    placement: str | None = None,
+    *,
+    canary: bool = True,
+) -> pa.Table:
+    """Ray Data task wrapper: consecutive function UDFs run in one task per block.
+
+    A whole block (a read task's units) comes in, so the read, these stages and
+    the checkpoint write fuse into a single Ray task; each UDF still sees
+    batches of its own ``batch_size``, and the canary and memory cap span the
+    block. With ``placement`` the node is reported (once per worker process)
+    for the job report.
+    """
+    if placement:
+        from laion_ray.cluster import record_task
+
+        record_task(placement, [stage.name for stage, _, _ in steps])
+    prepared = [(step, step[0].instantiate(), StageGuard(step[0], canary=canary)) for step in steps]
+    return _run_steps(batch, prepared)
