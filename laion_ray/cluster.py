@@ -272,7 +272,9 @@ def actor_groups(stages: Sequence[UDF], wants_gpu: Any) -> list[list[int]]:
 def _actors(stage: UDF) -> tuple[int, int]:
     """(initial, most) actors of a planned pool."""
     pool = stage.concurrency
-    return (pool, pool) if isinstance(pool, int) else (pool[2] if len(pool) > 2 else pool[0], pool[1])
+    return (
+        (pool, pool) if isinstance(pool, int) else (pool[2] if len(pool) > 2 else pool[0], pool[1])
+    )
 
 
 def _ask(planned: Sequence[UDF], group: Sequence[int], resource: str) -> float:

@@ -95,11 +95,6 @@ THIRD_PARTY_SIGNS = (
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="failed in the integration CI run after the curation steps joined the demo (cause "
-    "not diagnosed before the session ended); issue 11 stays open until it passes",
-)
 def test_readme_demo_command_runs_as_written():
     """``python -m pip install -e . && laion-ray demo`` from the repository, as a user types it."""
     from laion_ray.history import job_history

@@ -92,7 +92,9 @@ def test_cpu_actors_leave_room_for_the_tasks_that_feed_them():
     groups = actor_groups(plan.stages, None)
     assert groups == [[1, 2], [3]]
     starting = [1, 2]  # actors each pool starts
-    asked = sum(n * max(plan.stages[i].num_cpus for i in g) for n, g in zip(starting, groups))
+    asked = sum(
+        n * max(plan.stages[i].num_cpus for i in g) for n, g in zip(starting, groups, strict=True)
+    )
     assert asked == pytest.approx(2 * CPU_MODEL_SHARE)
     assert 2 - asked >= TASK_CPUS  # a read/decode task still fits
     # The asks keep their proportions; where they fit they are left alone.

@@ -32,7 +32,9 @@ def read_units(
     user asks to retry errors. The dataset is opened once per process
     (:func:`cached_dataset`), not once per unit.
     """
-    if any(a.end != b.start or a.fragment_id != b.fragment_id for a, b in itertools.pairwise(units)):
+    if any(
+        a.end != b.start or a.fragment_id != b.fragment_id for a, b in itertools.pairwise(units)
+    ):
         raise ValueError(f"read_units needs adjacent units of one fragment, got {units}")
     ds = cached_dataset(uri, version=version, storage_options=storage_options)
     fragment_id = units[0].fragment_id
