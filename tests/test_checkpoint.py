@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lance
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from laion_ray.backfill import backfill
@@ -159,6 +160,19 @@ def test_resume_reads_only_the_units_left_between_finished_ones(table):
     assert report.units_resumed == 16
     assert report.rows_processed == 40 + 20  # fragment 0 has 100 rows: units of 40, 40, 20
     _assert_key_check(table)
+
+
+def test_an_assembled_fragment_brings_back_one_chunk_not_one_per_unit(table):
+    # What an assemble task returns travels to the driver and stays there until
+    # the commit: a chunk per unit made it grow ~10 KB per unit (issue 14).
+    _failed_run(table, unit_rows=5)  # fragment 0: 20 units of 5 rows
+    ds = lance.dataset(table)
+    assembled = engine_run._assemble_from_parts(
+        _checkpoint(table), 5, 0, table, 0, 100,
+        pa.schema([("key_check", pa.int64())]), None, ds.version, 100,
+    )  # fmt: skip
+    assert assembled.errors.num_rows == sum(1 for k in BAD if k < 100)
+    assert all(column.num_chunks <= 1 for column in assembled.errors.columns)
 
 
 # --- 3. one dataset open per process -----------------------------------------------------

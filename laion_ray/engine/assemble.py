@@ -145,7 +145,12 @@ def assemble_fragment(
                 {f.name: _scatter(current[f.name], offsets, part[f.name]) for f in schema},
                 schema=schema,
             )
-            errors.append(part_errors(part))
+            if (failed := part_errors(part)).num_rows:
+                errors.append(failed)
         writer.write_batch(current)
     writer.close()
-    return AssembledFragment(fragment_id, file_name, pa.concat_tables(errors), based_on)
+    # One chunk: a chunk per unit (thousands in a fragment of tiny units) would
+    # travel to the driver, and stay there until the commit, as as many buffers.
+    return AssembledFragment(
+        fragment_id, file_name, pa.concat_tables(errors).combine_chunks(), based_on
+    )
