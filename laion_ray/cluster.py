@@ -379,16 +379,15 @@ class PlacementLog:
     """Named Ray actor: each model actor's node and device, and task nodes per stage."""
 
     def __init__(self) -> None:
-        self.actors: dict[str, dict[str, Any]] = {}  # actor id -> facts
+        # (stage, actor id) -> facts: stages that share an actor each report it.
+        self.actors: dict[tuple[str, str], dict[str, Any]] = {}
         self.task_nodes: dict[str, set[str]] = {}
         self.peak: dict[str, int] = {}
 
     def actor_started(self, stage: str, actor_id: str, facts: dict[str, Any]) -> None:
-        self.actors[actor_id] = {"stage": stage, **facts}
+        self.actors[(stage, actor_id)] = {"stage": stage, **facts}
         alive = sum(
-            1
-            for aid, a in self.actors.items()
-            if a["stage"] == stage and (aid == actor_id or _alive(aid))
+            1 for name, aid in self.actors if name == stage and (aid == actor_id or _alive(aid))
         )
         self.peak[stage] = max(self.peak.get(stage, 0), alive)
 

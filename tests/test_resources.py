@@ -18,6 +18,7 @@ from laion_ray.cluster import (
     DECODE_CPUS_PER_GPU,
     Capacity,
     Overrides,
+    PlacementLog,
     actor_groups,
     cluster_capacity,
     describe_plan,
@@ -104,6 +105,16 @@ def test_cpu_actors_leave_room_for_the_tasks_that_feed_them():
     assert [s.num_cpus for s in shared.stages] == [
         s.num_cpus for s in [*_model_stages(), *make_clip_score(**MODEL)]
     ]
+
+
+def test_stages_sharing_an_actor_each_report_it():
+    log = PlacementLog()  # the named actor's class, called in this process
+    facts = {"node": "n1", "device": "cpu", "gpu_ids": ["0"], "cpu_fallback": True}
+    for stage in ("clip-embed", "moderation-clip"):
+        log.actor_started(stage, "actor-1", facts)
+    seen = log.snapshot()
+    assert sorted(a["stage"] for a in seen["actors"].values()) == ["clip-embed", "moderation-clip"]
+    assert seen["peak"] == {"clip-embed": 1, "moderation-clip": 1}
 
 
 def test_autoscalable_gpus_count_although_none_is_up():
