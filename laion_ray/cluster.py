@@ -217,7 +217,7 @@ def plan_stages(stages: Sequence[UDF], capacity: Capacity, overrides: Overrides)
         initial = min(most, max(1, present // pools))
         pool = stage.concurrency or ((1, most, initial) if most > 1 else 1)
         planned.append(stage.with_options(num_gpus=per_actor, concurrency=pool, **changes))
-    groups = actor_groups(planned, lambda s: bool(s.num_gpus))
+    groups = actor_groups(planned)
     _fit_cpu_actors(planned, groups, cpus_now)
     gpu_actors = sum(_actors(planned[g[0]])[1] * _ask(planned, g, "num_gpus") for g in groups)
     actor_cpus = sum(_actors(planned[g[0]])[1] * _ask(planned, g, "num_cpus") for g in groups)
@@ -245,11 +245,11 @@ def shares_actor(a: UDF, b: UDF) -> bool:
     return False
 
 
-def actor_groups(stages: Sequence[UDF], wants_gpu: Any) -> list[list[int]]:
+def actor_groups(stages: Sequence[UDF], wants_gpu: Any = None) -> list[list[int]]:
     """Indices of the class stages, in runs that share an actor pool.
 
-    Before planning (``concurrency`` not set yet) stages group by ``wants_gpu``;
-    after it by :func:`shares_actor`.
+    Planned stages group by :func:`shares_actor`; before planning (``concurrency``
+    not set yet) they group by ``wants_gpu``, which only then is called.
     """
     groups: list[list[int]] = []
     previous: UDF | None = None
