@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "ViT-B-32"
 PRECISIONS = ("fp32", "fp16", "bf16")
+# The fields of open_clip's PreprocessCfg: a local config giving all of them is complete.
+PREPROCESS_KEYS = frozenset(
+    {"size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color"}
+)
 _HUB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -66,6 +70,34 @@ def clip_spec(
         LaionRayError: unknown model or tag, or an ``hf-hub:`` config that cannot
             be fetched.
     """
+    if model.startswith("local-dir:"):
+        model_cfg, cfg = _local_cfg(model)
+    else:
+        model_cfg, cfg = _open_clip_cfg(model, pretrained, cache_dir)
+    cfg["size"] = model_cfg["vision_cfg"].get("image_size", cfg["size"])
+    return int(model_cfg["embed_dim"]), cfg
+
+
+def _local_cfg(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model and preprocess config of a ``local-dir:`` checkpoint."""
+    path = Path(model[10:]) / "open_clip_config.json"
+    if not path.is_file():
+        raise LaionRayError(f"no open_clip_config.json in {model!r}")
+    local = json.loads(path.read_text())
+    given = local.get("preprocess_cfg", {})
+    if given.keys() >= PREPROCESS_KEYS:
+        # Complete settings plan without importing open_clip and torch: ~9 s of
+        # CPU that the driver never needs.
+        return local["model_cfg"], dict(given)
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    return local["model_cfg"], merge_preprocess_dict(PreprocessCfg().__dict__, given)
+
+
+def _open_clip_cfg(
+    model: str, pretrained: str | None, cache_dir: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model and preprocess config of an open_clip or ``hf-hub:`` name."""
     import open_clip
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
@@ -76,27 +108,17 @@ def clip_spec(
                 hf_config = open_clip.factory._get_hf_config(model[7:], cache_dir=cache_dir)
             except Exception as exc:
                 raise LaionRayError(_fetch_error(model, None, exc)) from exc
-        model_cfg = hf_config["model_cfg"]
-        cfg = merge_preprocess_dict(cfg, hf_config.get("preprocess_cfg", {}))
-    elif model.startswith("local-dir:"):
-        path = Path(model[10:]) / "open_clip_config.json"
-        if not path.is_file():
-            raise LaionRayError(f"no open_clip_config.json in {model!r}")
-        local = json.loads(path.read_text())
-        model_cfg = local["model_cfg"]
-        cfg = merge_preprocess_dict(cfg, local.get("preprocess_cfg", {}))
-    else:
-        model_cfg = open_clip.get_model_config(model.replace("/", "-"))
-        if model_cfg is None:
-            raise LaionRayError(
-                f"unknown open_clip model {model!r}; see open_clip.list_models() "
-                "(or use an 'hf-hub:org/repo' or 'local-dir:/path' name)"
-            )
-        tag_cfg = _tag_cfg(model, pretrained)
-        if tag_cfg:
-            cfg = merge_preprocess_dict(cfg, tag_cfg)
-    cfg["size"] = model_cfg["vision_cfg"].get("image_size", cfg["size"])
-    return int(model_cfg["embed_dim"]), cfg
+        return hf_config["model_cfg"], merge_preprocess_dict(
+            cfg, hf_config.get("preprocess_cfg", {})
+        )
+    model_cfg = open_clip.get_model_config(model.replace("/", "-"))
+    if model_cfg is None:
+        raise LaionRayError(
+            f"unknown open_clip model {model!r}; see open_clip.list_models() "
+            "(or use an 'hf-hub:org/repo' or 'local-dir:/path' name)"
+        )
+    tag_cfg = _tag_cfg(model, pretrained)
+    return model_cfg, merge_preprocess_dict(cfg, tag_cfg) if tag_cfg else cfg
 
 
 def _tag_cfg(model: str, pretrained: str | None) -> dict[str, Any] | None:

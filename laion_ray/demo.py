@@ -6,7 +6,9 @@ and the demo says so: its embeddings exercise the pipeline, not semantics.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import multiprocessing
 import os
 import shutil
 import time
@@ -36,10 +38,12 @@ def save_demo_model(directory: str, seed: int = 0) -> str:
     through the same code as any local checkpoint (absolute, since Ray workers
     need not share the driver's working directory).
     """
+    import dataclasses
     import json
 
     import open_clip
     import torch
+    from open_clip.transform import PreprocessCfg
     from safetensors.torch import save_file
 
     path = os.path.abspath(os.path.join(directory, "tiny-clip-random"))
@@ -49,7 +53,9 @@ def save_demo_model(directory: str, seed: int = 0) -> str:
         net = open_clip.CLIP(**DEMO_CLIP)
     save_file(net.state_dict(), os.path.join(path, "open_clip_model.safetensors"))
     with open(os.path.join(path, "open_clip_config.json"), "w") as f:
-        json.dump({"model_cfg": DEMO_CLIP}, f)
+        # Complete preprocess settings let the driver plan without open_clip.
+        config = {"model_cfg": DEMO_CLIP, "preprocess_cfg": dataclasses.asdict(PreprocessCfg())}
+        json.dump(config, f)
     return f"local-dir:{path}"
 
 
@@ -76,6 +82,7 @@ def run_demo(
     from laion_ray.dedup import dedup
     from laion_ray.index import reindex
     from laion_ray.merge import merge
+    from laion_ray.ray_env import ensure_ray
     from laion_ray.sample import write_sample
     from laion_ray.search import format_hits, search
 
@@ -87,6 +94,13 @@ def run_demo(
     lines = [f"laion-ray demo in {directory} ({rows} rows, {where})"]
     print(lines[0], flush=True)
 
+    # Building the model imports torch and open_clip, ~9 s of CPU: a process of
+    # its own does it on the second core while the first steps run here.
+    model_builder = concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn")
+    )
+    demo_model = model_builder.submit(save_demo_model, directory)
+    model_builder.shutdown(wait=False)
     sample = None
 
     def make_sample() -> str:
@@ -110,7 +124,8 @@ def run_demo(
         # labels and caption cosine (the text tower only) come from it in the
         # same pass. A new score column: the card's `similarity` stays
         # (`column="similarity"` with overwrite=True replaces it).
-        model = {"model": save_demo_model(directory)}
+        ensure_ray(address)  # starts Ray while the model's process finishes
+        model = {"model": demo_model.result()}
         report = backfill(
             uri,
             udfs=["clip-embed", "moderation-clip", "clip-score"],

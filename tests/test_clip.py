@@ -272,6 +272,46 @@ def test_checkpoint_loads_and_matches(embedder, tmp_path, suffix):
         load_clip("ViT-B-16", checkpoint=path)
 
 
+def test_local_dir_model_plans_without_torch_and_loads_its_own_weights(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from open_clip.constants import OPENAI_DATASET_MEAN
+    from safetensors.torch import load_file
+
+    from laion_ray.demo import DEMO_CLIP, save_demo_model
+
+    name = save_demo_model(str(tmp_path))
+    assert name.startswith("local-dir:/")
+    # Planning a stage (embedding width, pixel geometry) in a fresh driver
+    # imports neither open_clip nor torch when the config is complete.
+    probe = (
+        "import sys; from laion_ray.clip_model import clip_spec; "
+        f"dim, cfg = clip_spec({name!r}); "
+        "print(dim, cfg['size'], 'open_clip' in sys.modules, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["128", "224", "False", "False"]
+
+    net, _, _, info = load_clip(name)
+    assert not info["random"]
+    saved = load_file(os.path.join(name[len("local-dir:") :], "open_clip_model.safetensors"))
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+
+    # Without preprocess settings, open_clip's defaults fill them in.
+    config = tmp_path / "tiny-clip-random" / "open_clip_config.json"
+    config.write_text(json.dumps({"model_cfg": DEMO_CLIP}))
+    dim, cfg = clip_model.clip_spec(name)
+    assert dim == 128 and cfg["size"] == 224
+    assert tuple(cfg["mean"]) == OPENAI_DATASET_MEAN
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LaionRayError, match="no open_clip_config.json"):
+        clip_model.clip_spec(f"local-dir:{tmp_path / 'empty'}")
+
+
 # --- moderation-clip ------------------------------------------------------------------
 
 
