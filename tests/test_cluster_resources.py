@@ -175,7 +175,10 @@ class TestGpuWorker:
             stage = _stage(report, name)
             assert stage["num_gpus"] == 1.0 and stage["pool"] == [1, 2], stage
             assert stage["nodes"] == [cluster.worker_id], stage
-            assert stage["peak_actors"] >= 1 and stage["devices"] == {"cpu": stage["peak_actors"]}
+            # Devices are counted per actor started; on a loaded machine a second
+            # actor can start after the first stopped, so the peak may be lower.
+            assert stage["peak_actors"] >= 1, stage
+            assert stage["devices"] == {"cpu": stage["actors_started"]}, stage
             assert stage["cpu_fallback"] == stage["actors_started"], stage
         table = lance.dataset(uri).to_table(columns=["width", "width_x2", "moderation_clip_label"])
         assert table["width_x2"].to_pylist() == [2 * w for w in table["width"].to_pylist()]

@@ -258,7 +258,10 @@ def _joined(thread: threading.Thread, out: dict, timeout: float = 180) -> object
 
 def test_driver_sigkill_resume_recomputes_only_in_flight_units(tmp_path, ray_session):
     rows = 1200  # 24 units: three waves of 8 parallel unit tasks on 2 CPUs
-    uri, clean = _copies(tmp_path, rows=rows, fragments=3, seed=3)
+    # One unit per fragment: a read task covers a run of adjacent units of one
+    # fragment, and a task of 8 units records them all at once, so with 3
+    # fragments the whole job could finish between two polls.
+    uri, clean = _copies(tmp_path, rows=rows, fragments=rows // UNIT_ROWS, seed=3)
     log = tmp_path / "keys.log"
     # Slow enough that the kill lands mid-job even with 8 unit tasks in parallel.
     env = _cli_env(log, delay=2.0)
