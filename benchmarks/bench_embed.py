@@ -23,8 +23,9 @@ time between them is the pool's steady rate, the one a job of hours runs at,
 without the fixed start-up (importing torch, loading the model, Ray Data's
 start) and commit. The next line gives the whole-job ratio at that size and
 the fixed cost. Runs alternate, and the lines report the median ratio and the
-spread of the pairs. The last line, ``machine ceiling``, runs the bare model loop in two processes at once against
-one, without Ray: what two model actors could at most reach on this machine.
+spread of the pairs. The last line, ``machine ceiling``, runs the bare model
+loop in two processes at once against one, without Ray: what two model actors
+could at most reach on this machine.
 
 Run:
     python benchmarks/bench_embed.py --images 400 --repeats 3 --e2e-rows 1024
@@ -179,6 +180,11 @@ def bench_end_to_end(rows: int, model: str, batch_size: int, threads: int) -> di
     }
 
 
+def _paired_ratios(rates: dict[int, list[float]]) -> list[float]:
+    """Two / one of each interleaved pair of runs, sorted."""
+    return sorted(b / a for a, b in zip(rates[1], rates[2], strict=True))
+
+
 def _bare_loop(model: str, batch_size: int, rows: int, barrier) -> tuple[float, float]:
     """One process: load ``model``, wait for the others, embed ``rows`` random
     pixels with one torch thread. Returns the loop's start and end (wall clock)."""
@@ -211,15 +217,16 @@ def bench_ceiling(rows: int, model: str, batch_size: int, repeats: int) -> dict[
 
     ctx = mp.get_context("spawn")
     rates: dict[int, list[float]] = {1: [], 2: []}
-    for _ in range(repeats):
-        for procs in (1, 2):
-            barrier = ctx.Manager().Barrier(procs)
-            with ProcessPoolExecutor(procs, mp_context=ctx) as pool:
-                args = [model] * procs, [batch_size] * procs, [rows] * procs, [barrier] * procs
-                spans = list(pool.map(_bare_loop, *args))
-            wall = max(end for _, end in spans) - min(start for start, _ in spans)
-            rates[procs].append(procs * rows / wall)
-    ratios = sorted(b / a for a, b in zip(rates[1], rates[2], strict=True))
+    with ctx.Manager() as manager:  # one server process for every run's barrier
+        for _ in range(repeats):
+            for procs in (1, 2):
+                barrier = manager.Barrier(procs)
+                with ProcessPoolExecutor(procs, mp_context=ctx) as pool:
+                    args = [model] * procs, [batch_size] * procs, [rows] * procs, [barrier] * procs
+                    spans = list(pool.map(_bare_loop, *args))
+                wall = max(end for _, end in spans) - min(start for start, _ in spans)
+                rates[procs].append(procs * rows / wall)
+    ratios = _paired_ratios(rates)
     return {"ratio": float(np.median(ratios)), "ratios": ratios}
 
 
@@ -290,13 +297,11 @@ def bench_actors(rows: int, model: str, batch_size: int, repeats: int) -> dict[s
         cluster.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    def paired(rates: dict[int, list[float]]) -> list[float]:
-        return sorted(b / a for a, b in zip(rates[1], rates[2], strict=True))
-
+    ratios = _paired_ratios(marginal)
     return {
-        "ratio": float(np.median(paired(marginal))),
-        "ratios": paired(marginal),
-        "whole_ratios": paired(whole),
+        "ratio": float(np.median(ratios)),
+        "ratios": ratios,
+        "whole_ratios": _paired_ratios(whole),
         "one": float(np.median(marginal[1])),
         "two": float(np.median(marginal[2])),
         "start_up": {k: float(np.median(v)) for k, v in start_up.items()},
