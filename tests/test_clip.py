@@ -273,12 +273,14 @@ def test_checkpoint_loads_and_matches(embedder, tmp_path, suffix):
 
 
 def test_local_dir_model_plans_without_torch_and_loads_its_own_weights(tmp_path):
+    import dataclasses
     import json
     import subprocess
     import sys
 
     import torch
     from open_clip.constants import OPENAI_DATASET_MEAN
+    from open_clip.transform import PreprocessCfg
     from safetensors.torch import load_file
 
     from laion_ray.demo import DEMO_CLIP, save_demo_model
@@ -301,6 +303,8 @@ def test_local_dir_model_plans_without_torch_and_loads_its_own_weights(tmp_path)
     for key, value in net.state_dict().items():
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
 
+    # "Complete" is open_clip's own field list; a new field there makes this fail.
+    assert {f.name for f in dataclasses.fields(PreprocessCfg)} == clip_model.PREPROCESS_KEYS
     # Without preprocess settings, open_clip's defaults fill them in.
     config = tmp_path / "tiny-clip-random" / "open_clip_config.json"
     config.write_text(json.dumps({"model_cfg": DEMO_CLIP}))
