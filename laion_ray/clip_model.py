@@ -214,6 +214,21 @@ def resolve_precision(precision: str | None, device: str) -> str:
     return precision
 
 
+def _names_weights(model: str, pretrained: str | None) -> bool:
+    """Whether the model name or tag gives weights (a checkpoint aside).
+
+    A ``local-dir:`` holding only ``open_clip_config.json`` gives none: it
+    names an architecture, which ``allow_random`` may initialise. Weight files
+    are found as open_clip finds them (``*.safetensors``, ``*.bin``, ``*.pth``).
+    """
+    if pretrained or model.startswith("hf-hub:"):
+        return True
+    if model.startswith("local-dir:"):
+        directory = Path(model[10:])
+        return any(any(directory.glob(f"*.{ext}")) for ext in ("safetensors", "bin", "pth"))
+    return False
+
+
 def check_source(
     model: str, pretrained: str | None, checkpoint: str | None, allow_random: bool
 ) -> None:
@@ -265,7 +280,8 @@ def load_clip(
     the tag's preprocessing), a ``pretrained`` tag or file (fetched from the
     hub, or its cache), an ``hf-hub:``/``local-dir:`` model name, or, only with
     ``allow_random``, a random initialisation seeded by ``seed`` (so every actor
-    of a run builds the same model).
+    of a run builds the same model) of a built-in name or of a ``local-dir:``
+    that holds only its config.
 
     Args:
         model: open_clip model name (``ViT-B-32``), ``hf-hub:org/repo`` or
@@ -329,7 +345,7 @@ def load_clip(
                 raise LaionRayError(
                     f"checkpoint {checkpoint!r} does not fit model {model!r}: {first}"
                 ) from exc
-        elif pretrained or model.startswith(("hf-hub:", "local-dir:")):
+        elif _names_weights(model, pretrained) or not allow_random:
             try:
                 net = open_clip.create_model(model, pretrained, require_pretrained=True, **common)
             except Exception as exc:
@@ -343,7 +359,7 @@ def load_clip(
             is_random = True
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                net = open_clip.create_model(model, None, **common)
+                net = open_clip.create_model(model, None, load_weights=False, **common)
         try:
             tokenizer = open_clip.get_tokenizer(model, cache_dir=cache_dir)
         except Exception as exc:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,11 +49,12 @@ from laion_ray.udf import UDF
 
 log = logging.getLogger(__name__)
 
-# Decode CPUs to plan per GPU. From benchmarks/RESULTS.md: the fast decode path
-# does ~1,640 img/s per core on 384 px JPEGs; LAION's images average about twice
-# the pixels, so ~800 img/s per core. A ViT-B-32 in fp16 on one A10G-class GPU is
-# taken as ~3,000 img/s (not yet measured here: no GPU was lent), hence ~4 cores
-# per GPU. Override with ``decode_cpus`` / ``--decode-cpus``.
+# Decode CPUs to plan per GPU: the model's img/s over decode's img/s per core.
+# Measured on an H200 (benchmarks/bench_gpu.py): ViT-B-32 in fp16 does 14,800-
+# 16,200 img/s and the fast decode path 780-840 LAION-sized img/s per core, so
+# an H200 needs ~19. cluster.yaml's g5 nodes carry A10Gs, taken as ~3,000 img/s
+# (not measured: that is the GPU lent here), hence 4, the default. Pass
+# ``decode_cpus`` / ``--decode-cpus`` for faster GPUs (19 x GPUs on H100/H200).
 DECODE_CPUS_PER_GPU = 4.0
 # Share of a CPU-only cluster's CPUs given to model actors (one actor per CPU);
 # the rest is left to reads, decode and checkpoint writes. A CPU model is ~100x
@@ -328,6 +330,8 @@ _fallback_warned = False
 
 def assigned_gpus() -> list | None:
     """GPU ids Ray gave this worker; None outside a Ray worker."""
+    if "ray" not in sys.modules:  # a Ray worker has imported it; a plain process needn't
+        return None
     import ray
 
     if not ray.is_initialized():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import multiprocessing
 import os
 import shutil
 import time
@@ -21,46 +20,51 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 # A tiny CLIP in open_clip's config format (ViT and text transformer of 4 layers
-# x 128 wide, 224 px input like the real ones). Even ViT-S-32 costs ~2 TFLOP per
-# 1000 images, a minute of a 2-core laptop; this one keeps the demo's model
-# steps to seconds while every other part of the path stays the real one.
+# x 128 wide, 128 px input in 16 patches). Even ViT-S-32 costs ~2 TFLOP per 1000
+# images, a minute of a 2-core laptop; at 224 px this one still took 5 s of one
+# core. Every other part of the path (decode, resize, actors, commit) is the
+# real one.
 DEMO_CLIP = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 224, "layers": 4, "width": 128, "patch_size": 32},
+    "vision_cfg": {"image_size": 128, "layers": 4, "width": 128, "patch_size": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4},
 }
 
 
-def save_demo_model(directory: str, seed: int = 0) -> str:
-    """Save :data:`DEMO_CLIP` with random weights as a local open_clip checkpoint.
+# open_clip's default preprocessing (``PreprocessCfg()``, OpenAI's mean and std),
+# written out whole so that planning needs neither open_clip nor torch.
+DEMO_PREPROCESS = {
+    "size": 224,
+    "mode": "RGB",
+    "mean": [0.48145466, 0.4578275, 0.40821073],
+    "std": [0.26862954, 0.26130258, 0.27577711],
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+    "fill_color": 0,
+}
 
-    Returns its model name, ``local-dir:<absolute path>``: the actors load it
-    through the same code as any local checkpoint (absolute, since Ray workers
-    need not share the driver's working directory).
+
+def write_demo_model(directory: str) -> str:
+    """Write :data:`DEMO_CLIP` as a local open_clip config, without weights.
+
+    Returns its model name, ``local-dir:<absolute path>`` (absolute: Ray
+    workers need not share the driver's working directory). With
+    ``random_weights=True`` each model actor initialises it from the same
+    seed; no process of the demo has to import torch to make it.
     """
-    import dataclasses
     import json
-
-    import open_clip
-    import torch
-    from open_clip.transform import PreprocessCfg
-    from safetensors.torch import save_file
 
     path = os.path.abspath(os.path.join(directory, "tiny-clip-random"))
     os.makedirs(path, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = open_clip.CLIP(**DEMO_CLIP)
-    save_file(net.state_dict(), os.path.join(path, "open_clip_model.safetensors"))
     with open(os.path.join(path, "open_clip_config.json"), "w") as f:
-        # Complete preprocess settings let the driver plan without open_clip.
-        config = {"model_cfg": DEMO_CLIP, "preprocess_cfg": dataclasses.asdict(PreprocessCfg())}
-        json.dump(config, f)
+        json.dump({"model_cfg": DEMO_CLIP, "preprocess_cfg": DEMO_PREPROCESS}, f)
     return f"local-dir:{path}"
 
 
-def _step(lines: list[str], title: str, fn: Callable[[], str]) -> None:
-    started = time.monotonic()
+def _step(
+    lines: list[str], title: str, fn: Callable[[], str], started: float | None = None
+) -> None:
+    started = started or time.monotonic()
     detail = fn()
     lines.append(f"  {title:<34} {time.monotonic() - started:6.1f}s  {detail}")
     print(lines[-1], flush=True)
@@ -69,12 +73,12 @@ def _step(lines: list[str], title: str, fn: Callable[[], str]) -> None:
 def run_demo(
     directory: str = "./laion-ray-demo", *, rows: int = 1000, address: str | None = None
 ) -> list[str]:
-    """Generate a sample and run sample -> rules -> embedding heads -> merge ->
-    re-embed with zero-shot labels and CLIP score -> dedup -> reindex -> search.
+    """Generate a sample and run rules, embedding heads, a merge, a re-embed
+    with zero-shot labels and CLIP score, dedup, an index rebuild and a search.
 
-    Ray starts only when a step needs it (the model actors): cheap function
-    UDFs and a small merge run in this process, as ``--executor auto`` would
-    run them on any laptop.
+    Ray starts while the sample is written, for the model actors, dedup and
+    the index; the re-embed runs in the background alongside the other steps.
+    Cheap function UDFs and a small merge run in this process.
 
     Returns the printed account, one line per step.
     """
@@ -94,14 +98,10 @@ def run_demo(
     lines = [f"laion-ray demo in {directory} ({rows} rows, {where})"]
     print(lines[0], flush=True)
 
-    # Building the model imports torch and open_clip, ~9 s of CPU: a process of
-    # its own does it on the second core while the first steps run here.
-    model_builder = concurrent.futures.ProcessPoolExecutor(
-        1, mp_context=multiprocessing.get_context("spawn")
-    )
-    demo_model = model_builder.submit(save_demo_model, directory)
-    model_builder.shutdown(wait=False)
     sample = None
+    # Cheap function UDFs and a small merge run in this process on a laptop, as
+    # --executor auto would choose if Ray were not already up for the model.
+    in_process = "auto" if address else "local"
 
     def make_sample() -> str:
         nonlocal sample
@@ -115,7 +115,11 @@ def run_demo(
 
     def rules() -> str:
         report = backfill(
-            uri, udfs=["aspect-ratio", "moderation-rules"], tag="rules-v1", address=address
+            uri,
+            udfs=["aspect-ratio", "moderation-rules"],
+            tag="rules-v1",
+            address=address,
+            executor=in_process,
         )
         return f"aspect_ratio, is_high_res, moderation_label: {report.rows_processed} rows"
 
@@ -124,8 +128,7 @@ def run_demo(
         # labels and caption cosine (the text tower only) come from it in the
         # same pass. A new score column: the card's `similarity` stays
         # (`column="similarity"` with overwrite=True replaces it).
-        ensure_ray(address)  # starts Ray while the model's process finishes
-        model = {"model": demo_model.result()}
+        model = {"model": write_demo_model(directory), "random_weights": True}
         report = backfill(
             uri,
             udfs=["clip-embed", "moderation-clip", "clip-score"],
@@ -138,8 +141,8 @@ def run_demo(
             address=address,
         )
         return (
-            "a tiny CLIP with RANDOM WEIGHTS, saved as a local checkpoint (demo only, "
-            f"embeddings carry no meaning): {report.rows_processed} rows, "
+            "a tiny CLIP with RANDOM WEIGHTS (demo only, embeddings carry no meaning), "
+            f"alongside the steps above: {report.rows_processed} rows, "
             f"{report.rows_failed} bad images -> null + error record"
         )
 
@@ -151,7 +154,7 @@ def run_demo(
             *make_embedding_head(preset="aesthetic", random_weights=True),
             *make_embedding_head(preset="nsfw", random_weights=True),
         ]
-        report = backfill(uri, udfs=udfs, address=address)
+        report = backfill(uri, udfs=udfs, address=address, executor=in_process)
         return (
             f"aesthetic_score, nsfw_score over img_emb with RANDOM WEIGHTS (demo only; pass "
             f"weights=LAION's .pth): {report.rows_processed} rows"
@@ -162,7 +165,7 @@ def run_demo(
         keys = np.arange(0, rows + rows // 10, dtype=np.int64)  # some keys match no row
         path = os.path.join(directory, "labels.parquet")
         pq.write_table(pa.table({"key": keys, "rating": rng.uniform(3, 9, len(keys))}), path)
-        report = merge(uri, source=path, on="key", address=address)
+        report = merge(uri, source=path, on="key", address=address, executor=in_process)
         return (
             f"rating from labels.parquet: {report.matched_keys} keys matched, "
             f"{report.unmatched_keys} label keys not in the dataset"
@@ -192,13 +195,25 @@ def run_demo(
         return f"top {len(hits)} neighbours of row 0 (NSFW = 0 AND width >= 128, prefilter)"
 
     started = time.monotonic()
-    _step(lines, "sample", make_sample)
-    _step(lines, "backfill aspect-ratio + rules", rules)
-    _step(lines, "aesthetic + NSFW heads", heads)
-    _step(lines, "merge labels on key", labels)
-    _step(lines, "re-embed + zero-shot labels + CLIP score", embed)
-    _step(lines, "near-duplicates (dedup)", near_duplicates)
-    _step(lines, "rebuild IVF_PQ index", index)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="demo") as background:
+        # Ray's start (~6 s, mostly its own processes) runs while the sample is
+        # written; Ray installs its signal handlers from the main thread only.
+        sampling = background.submit(make_sample)
+        ensure_ray(address)
+        _step(lines, "sample (while Ray starts)", sampling.result, started=started)
+        # The re-embed's model actor spends ~10 s importing torch and open_clip.
+        # The other steps neither read its columns nor write the ones it reads,
+        # so they run meanwhile: other writers of the same table, whose commits
+        # the engine reconciles as it does any concurrent writer's.
+        embed_started = time.monotonic()
+        embedding = background.submit(embed)
+        _step(lines, "backfill aspect-ratio + rules", rules)
+        _step(lines, "aesthetic + NSFW heads", heads)
+        _step(lines, "merge labels on key", labels)
+        _step(lines, "near-duplicates (dedup)", near_duplicates)
+        _step(lines, "rebuild IVF_PQ index", index)
+        title = "re-embed + zero-shot labels + CLIP score"
+        _step(lines, title, embedding.result, started=embed_started)
     _step(lines, "ANN search", query)
     lines += [
         f"done in {time.monotonic() - started:.0f}s. Results:",

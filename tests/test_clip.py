@@ -278,15 +278,18 @@ def test_local_dir_model_plans_without_torch_and_loads_its_own_weights(tmp_path)
     import subprocess
     import sys
 
+    import open_clip
     import torch
     from open_clip.constants import OPENAI_DATASET_MEAN
     from open_clip.transform import PreprocessCfg
-    from safetensors.torch import load_file
+    from safetensors.torch import save_file
 
-    from laion_ray.demo import DEMO_CLIP, save_demo_model
+    from laion_ray.demo import DEMO_CLIP, DEMO_PREPROCESS, write_demo_model
 
-    name = save_demo_model(str(tmp_path))
+    name = write_demo_model(str(tmp_path))  # a config, no weights
     assert name.startswith("local-dir:/")
+    # The demo's copy of open_clip's default preprocessing is open_clip's own.
+    assert DEMO_PREPROCESS == json.loads(json.dumps(dataclasses.asdict(PreprocessCfg())))
     # Planning a stage (embedding width, pixel geometry) in a fresh driver
     # imports neither open_clip nor torch when the config is complete.
     probe = (
@@ -295,11 +298,24 @@ def test_local_dir_model_plans_without_torch_and_loads_its_own_weights(tmp_path)
         "print(dim, cfg['size'], 'open_clip' in sys.modules, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["128", "224", "False", "False"]
+    assert out.stdout.split() == ["128", "128", "False", "False"]
 
-    net, _, _, info = load_clip(name)
+    # A config without weights: random only when asked, the same for every actor.
+    with pytest.raises(LaionRayError, match="local-dir"):
+        load_clip(name)
+    first, _, _, info = load_clip(name, allow_random=True, seed=3)
+    again, _, _, _ = load_clip(name, allow_random=True, seed=3)
+    assert info["random"]
+    for key, value in first.state_dict().items():
+        torch.testing.assert_close(value, again.state_dict()[key], rtol=0, atol=0)
+
+    # With a weights file beside the config, those weights load, exactly.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        saved = open_clip.CLIP(**DEMO_CLIP).state_dict()
+    save_file(saved, os.path.join(name[len("local-dir:") :], "open_clip_model.safetensors"))
+    net, _, _, info = load_clip(name, allow_random=True)
     assert not info["random"]
-    saved = load_file(os.path.join(name[len("local-dir:") :], "open_clip_model.safetensors"))
     for key, value in net.state_dict().items():
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
 
@@ -309,7 +325,7 @@ def test_local_dir_model_plans_without_torch_and_loads_its_own_weights(tmp_path)
     config = tmp_path / "tiny-clip-random" / "open_clip_config.json"
     config.write_text(json.dumps({"model_cfg": DEMO_CLIP}))
     dim, cfg = clip_model.clip_spec(name)
-    assert dim == 128 and cfg["size"] == 224
+    assert dim == 128 and cfg["size"] == 128
     assert tuple(cfg["mean"]) == OPENAI_DATASET_MEAN
     (tmp_path / "empty").mkdir()
     with pytest.raises(LaionRayError, match="no open_clip_config.json"):

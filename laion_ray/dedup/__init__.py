@@ -6,7 +6,7 @@ SemDeDup's recipe (arXiv 2303.09540) as a distributed job:
    build's trainer (``laion_ray.index.train_ivf``, cosine); every row goes to
    its nearest 2 partitions so that a pair straddling a boundary still meets
    in one of them;
-2. *compare*: inside each partition, block-wise cosine similarity (torch
+2. *compare*: inside each partition, block-wise cosine similarity (a numpy
    matmul) finds every pair at or above ``threshold``. Memory per task is
    bounded by the partition size: partitions above ``max_partition_rows`` are
    cut into blocks and each block pair is its own cell;

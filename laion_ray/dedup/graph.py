@@ -22,12 +22,12 @@ def _blocks(n: int, start: int = 0, step: int = BLOCK_ROWS) -> Iterator[tuple[in
 
 
 def _above(q: np.ndarray, c: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs ``(i, j)`` with ``q[i] . c[j] >= threshold`` (torch matmul: fast on CPU)."""
-    import torch
+    """Index pairs ``(i, j)`` with ``q[i] . c[j] >= threshold``.
 
-    sims = torch.from_numpy(q) @ torch.from_numpy(c).T
-    i, j = torch.nonzero(sims >= threshold, as_tuple=True)
-    return i.numpy(), j.numpy()
+    numpy's BLAS matmul is as fast as torch's on CPU here (18 ms per block
+    pair both), and a fresh Ray worker then needn't import torch (4-6 s).
+    """
+    return np.nonzero(q @ c.T >= threshold)
 
 
 def similar_pairs(

@@ -71,11 +71,11 @@ def _tri(i: np.ndarray, j: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 def _nearest(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """``[n, k]`` indices of each unit vector's nearest ``k = min(2, P)`` centroids."""
-    import torch
-
-    k = min(NEIGHBOURS, len(centroids))
-    sims = torch.from_numpy(vectors) @ torch.from_numpy(centroids).T
-    return sims.topk(k, dim=1).indices.numpy()
+    sims = vectors @ centroids.T
+    if len(centroids) <= NEIGHBOURS:
+        return np.argsort(-sims, axis=1, kind="stable")
+    # argpartition, not a full sort: partitions can number thousands.
+    return np.argpartition(-sims, NEIGHBOURS - 1, axis=1)[:, :NEIGHBOURS]
 
 
 def _normalise(vectors: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
