@@ -22,8 +22,10 @@ job of one batch and a job of ``--actor-rows``; the rows between them over the
 time between them is the pool's steady rate, the one a job of hours runs at,
 without the fixed start-up (importing torch, loading the model, Ray Data's
 start) and commit. The next line gives the whole-job ratio at that size and
-the fixed cost. Runs alternate, and the lines report the median ratio and the
-spread of the pairs. The last line, ``machine ceiling``, runs the bare model
+the fixed cost, and the one after it the rate over the actor calls alone (the
+first call's start to the last call's end, from Ray's timeline), with the
+seconds per block and how long the actors sat idle between calls. Runs
+alternate, and the lines report the median ratio and the spread of the pairs. The last line, ``machine ceiling``, runs the bare model
 loop in two processes at once against one, without Ray: what two model actors
 could at most reach on this machine.
 
@@ -262,6 +264,9 @@ def bench_actors(rows: int, model: str, batch_size: int, repeats: int) -> dict[s
         "num_threads": 1,
     }
     small = max(batch_size, 16)
+    calls: dict[int, list[float]] = {1: [], 2: []}  # seconds of each actor call
+    over_calls: dict[int, list[float]] = {1: [], 2: []}  # rows/s, first call to last
+    idle: dict[int, list[float]] = {1: [], 2: []}  # share of the actors' span not in a call
     whole: dict[int, list[float]] = {1: [], 2: []}
     marginal: dict[int, list[float]] = {1: [], 2: []}
     start_up: dict[int, list[float]] = {1: [], 2: []}
@@ -284,7 +289,13 @@ def bench_actors(rows: int, model: str, batch_size: int, repeats: int) -> dict[s
             run(actors, small)  # warms the nodes' worker pools and caches
         for _ in range(repeats):
             for actors in (1, 2):
-                short, long = run(actors, small), run(actors, rows)
+                short, since = run(actors, small), time.time()
+                long = run(actors, rows)
+                spans = actor_calls(since)
+                start, end = min(s for s, _ in spans), max(s + d for s, d in spans)
+                calls[actors] += [d for _, d in spans]
+                over_calls[actors].append(rows / (end - start))
+                idle[actors].append(1 - sum(d for _, d in spans) / (actors * (end - start)))
                 whole[actors].append(long.rows_per_s)
                 # The rows between the two runs over the time between them: the
                 # pool's steady rate, without the job's fixed start-up and commit.
@@ -307,7 +318,23 @@ def bench_actors(rows: int, model: str, batch_size: int, repeats: int) -> dict[s
         "start_up": {k: float(np.median(v)) for k, v in start_up.items()},
         "peaks": {k: sorted(v) for k, v in peaks.items()},
         "small": small,
+        "over_calls": _paired_ratios(over_calls),
+        "call_s": {k: float(np.median(v)) for k, v in calls.items()},
+        "idle": {k: float(np.median(v)) for k, v in idle.items()},
+        "block_rows": rows // 4,
     }
+
+
+def actor_calls(since: float) -> list[tuple[float, float]]:
+    """``(start, seconds)`` of every actor call since ``since`` (epoch s), from
+    Ray's timeline: Ray Data's ``submit`` of one block to a model actor."""
+    import ray
+
+    return [
+        (e["ts"] / 1e6, e["dur"] / 1e6)
+        for e in ray.timeline()
+        if e.get("ph") == "X" and e.get("name") == "submit" and e["ts"] / 1e6 >= since
+    ]
 
 
 def main() -> None:
@@ -336,6 +363,14 @@ def main() -> None:
             f"  whole {args.actor_rows}-row job, start-up included: two / one rows/s = "
             f"{float(np.median(w)):.2f} (spread {min(w):.2f}-{max(w):.2f}); a {a['small']}-row "
             f"job takes {a['start_up'][2]:.1f}s with two actors, {a['start_up'][1]:.1f}s with one"
+        )
+        o, t = a["over_calls"], a["call_s"]
+        print(
+            f"  over the actor calls alone (Ray's timeline, first call's start to last call's "
+            f"end): two / one rows/s = {float(np.median(o)):.2f} (spread {min(o):.2f}-"
+            f"{max(o):.2f}); a {a['block_rows']}-row block takes {t[1]:.1f}s on one actor alone, "
+            f"{t[2]:.1f}s on each of two at once; actors idle between calls {a['idle'][1]:.0%} / "
+            f"{a['idle'][2]:.0%} of the span"
         )
         c = bench_ceiling(args.actor_rows, args.model, args.batch_size, args.repeats)
         print(

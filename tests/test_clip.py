@@ -289,7 +289,7 @@ def test_local_dir_model_plans_without_torch_and_loads_its_own_weights(tmp_path)
     name = write_demo_model(str(tmp_path))  # a config, no weights
     assert name.startswith("local-dir:/")
     # The demo's copy of open_clip's default preprocessing is open_clip's own.
-    assert DEMO_PREPROCESS == json.loads(json.dumps(dataclasses.asdict(PreprocessCfg())))
+    assert json.loads(json.dumps(dataclasses.asdict(PreprocessCfg()))) == DEMO_PREPROCESS
     # Planning a stage (embedding width, pixel geometry) in a fresh driver
     # imports neither open_clip nor torch when the config is complete.
     probe = (

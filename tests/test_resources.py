@@ -183,13 +183,18 @@ def test_report_lines_say_what_ran_where():
 
 
 def test_device_outside_ray_is_this_process():
-    """In a fresh interpreter: the session's Ray, if up, would make this a driver."""
+    """In a fresh interpreter: the session's Ray, if up, would make this a driver.
+
+    Nor does deciding it import Ray: a model run outside Ray (bench_gpu.py on
+    a machine without Ray) needs none.
+    """
     code = """
-import pytest, torch
+import sys, pytest, torch
 from laion_ray.cluster import actor_device
 from laion_ray.errors import LaionRayError
 expected = "cuda" if torch.cuda.is_available() else "cpu"
 assert actor_device() == expected and actor_device("cpu") == "cpu"
+assert "ray" not in sys.modules
 if not torch.cuda.is_available():
     with pytest.raises(LaionRayError, match="CUDA is not available"):
         actor_device("cuda")
