@@ -57,7 +57,8 @@ def write_demo_model(directory: str) -> str:
     path = os.path.abspath(os.path.join(directory, "tiny-clip-random"))
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "open_clip_config.json"), "w") as f:
-        json.dump({"model_cfg": DEMO_CLIP, "preprocess_cfg": DEMO_PREPROCESS}, f)
+        size = DEMO_CLIP["vision_cfg"]["image_size"]
+        json.dump({"model_cfg": DEMO_CLIP, "preprocess_cfg": {**DEMO_PREPROCESS, "size": size}}, f)
     return f"local-dir:{path}"
 
 
