@@ -24,7 +24,13 @@ def job_history(uri: str, *, storage_options: Mapping[str, str] | None = None) -
     entries = []
     for version in ds.versions():
         number = version["version"]
-        transaction = ds.read_transaction(number)
+        try:
+            transaction = ds.read_transaction(number)
+        except TypeError:
+            # pylance (14.x) cannot decode a compaction that rewrote an index
+            # (its RewrittenIndex lacks fields). laion-ray never commits a
+            # Rewrite, so such a version is never one of its jobs.
+            continue
         properties = (transaction.transaction_properties or {}) if transaction else {}
         if JOB_PROPERTY not in properties:
             continue

@@ -181,6 +181,8 @@ def test_random_head_is_seeded_and_says_so(caplog):
     x, y = (s.instantiate()(table)["nsfw_score"].to_numpy() for s in (a, b))
     assert a.key != b.key and not np.allclose(x, y)
     np.testing.assert_array_equal(x, a.instantiate()(table)["nsfw_score"].to_numpy())
+    # Said once per planned column, not again by every process that loads it.
+    assert sum("RANDOM" in r.getMessage() for r in caplog.records if r.levelno >= 30) == 2
 
 
 # --- clip-score in-process -----------------------------------------------------------

@@ -322,7 +322,8 @@ def load_head(
             )
         parsed = head_weights(read_state_dict(weights), source=weights)
     else:
-        logger.warning("embedding-head uses RANDOM weights (seed %d): for testing only", seed)
+        # Planning already warned, once per column; every process need not repeat it.
+        logger.debug("embedding-head uses RANDOM weights (seed %d)", seed)
         parsed = random_weights(random_layers, seed)
     return Head(parsed, activation=activation, sigmoid=sigmoid, normalize=normalize, device=device)
 
