@@ -24,7 +24,8 @@ without the fixed start-up (importing torch, loading the model, Ray Data's
 start) and commit. The next line gives the whole-job ratio at that size and
 the fixed cost, and the one after it the rate over the actor calls alone (the
 first call's start to the last call's end, from Ray's timeline), with the
-seconds per block and how long the actors sat idle between calls. Runs
+seconds per block and how long the actors sat idle between calls, then the
+cores the model actors and everything else kept busy over those jobs. Runs
 alternate, and the lines report the median ratio and the spread of the pairs. The last line, ``machine ceiling``, runs the bare model
 loop in two processes at once against one, without Ray: what two model actors
 could at most reach on this machine.
@@ -40,6 +41,7 @@ import argparse
 import io
 import os
 import time
+from pathlib import Path
 
 # One core, before numpy/torch/cv2 start their thread pools.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -232,6 +234,67 @@ def bench_ceiling(rows: int, model: str, batch_size: int, repeats: int) -> dict[
     return {"ratio": float(np.median(ratios)), "ratios": ratios}
 
 
+class CpuShare:
+    """Cores busy in the model actors and in everything else over a window, from
+    ``/proc`` (Linux): what the two-actors line can reach on a shared machine.
+
+    A thread polls once a second for the actors' processes (found by their
+    command line) and their CPU time, since they exit when the job ends;
+    everything else is the machine's busy time (``/proc/stat``) minus theirs.
+    """
+
+    ACTOR = "MapWorker(MapBatches(ActorStage))"
+
+    def __init__(self) -> None:
+        import threading
+
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.actor_cpu: dict[int, float] = {}  # pid -> CPU seconds, last seen
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _busy(self) -> float:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0]
+        user, nice, system, _idle, _iowait, irq, softirq = first.split()[1:8]
+        return sum(map(int, (user, nice, system, irq, softirq))) / self.tick
+
+    def _sample(self) -> None:
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            try:
+                if pid not in self.actor_cpu:  # a Ray worker renames itself when it becomes one
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if self.ACTOR.encode() not in f.read():
+                            continue
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                self.actor_cpu[pid] = (int(fields[11]) + int(fields[12])) / self.tick
+            except OSError:  # the process has exited
+                continue
+
+    def _poll(self) -> None:
+        while not self.stop.wait(1.0):
+            self._sample()
+
+    def __enter__(self) -> CpuShare:
+        self._sample()
+        self.before = dict(self.actor_cpu)  # the actors alive now are not this window's
+        self.started, self.busy = time.monotonic(), self._busy()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._sample()
+        wall = time.monotonic() - self.started
+        actors = sum(c - self.before.get(p, 0.0) for p, c in self.actor_cpu.items())
+        self.actor_cores = actors / wall
+        self.other_cores = (self._busy() - self.busy - actors) / wall
+
+
 def bench_actors(rows: int, model: str, batch_size: int, repeats: int) -> dict[str, object]:
     """Two model actors against one on a two-node cluster; rows/s of each run."""
     import shutil
@@ -271,6 +334,7 @@ def bench_actors(rows: int, model: str, batch_size: int, repeats: int) -> dict[s
     marginal: dict[int, list[float]] = {1: [], 2: []}
     start_up: dict[int, list[float]] = {1: [], 2: []}
     peaks: dict[int, set[int]] = {1: set(), 2: set()}
+    cores: dict[int, list[tuple[float, float]]] = {1: [], 2: []}  # (actors, the rest)
 
     def run(actors: int, n: int):
         return backfill(
@@ -290,7 +354,9 @@ def bench_actors(rows: int, model: str, batch_size: int, repeats: int) -> dict[s
         for _ in range(repeats):
             for actors in (1, 2):
                 short, since = run(actors, small), time.time()
-                long = run(actors, rows)
+                with CpuShare() as cpu:
+                    long = run(actors, rows)
+                cores[actors].append((cpu.actor_cores, cpu.other_cores))
                 spans = actor_calls(since)
                 start, end = min(s for s, _ in spans), max(s + d for s, d in spans)
                 calls[actors] += [d for _, d in spans]
@@ -322,6 +388,7 @@ def bench_actors(rows: int, model: str, batch_size: int, repeats: int) -> dict[s
         "call_s": {k: float(np.median(v)) for k, v in calls.items()},
         "idle": {k: float(np.median(v)) for k, v in idle.items()},
         "block_rows": rows // 4,
+        "cores": {k: np.median(np.array(v), axis=0).tolist() for k, v in cores.items()},
     }
 
 
@@ -371,6 +438,13 @@ def main() -> None:
             f"{max(o):.2f}); a {a['block_rows']}-row block takes {t[1]:.1f}s on one actor alone, "
             f"{t[2]:.1f}s on each of two at once; actors idle between calls {a['idle'][1]:.0%} / "
             f"{a['idle'][2]:.0%} of the span"
+        )
+        (one, rest1), (two, rest2) = a["cores"][1], a["cores"][2]
+        print(
+            f"  CPU over the {args.actor_rows}-row jobs (/proc): model actors {one:.2f} cores + "
+            f"everything else {rest1:.2f} (driver, Ray's processes, decode and write tasks) with "
+            f"one actor; {two:.2f} + {rest2:.2f} with two, of {os.cpu_count()} cores: the actors' "
+            f"CPU, two / one = {two / one:.2f}"
         )
         c = bench_ceiling(args.actor_rows, args.model, args.batch_size, args.repeats)
         print(
