@@ -39,21 +39,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import lance
 import numpy as np
 import pyarrow as pa
-
-try:
-    import psutil
-except ImportError:  # Ray vendors psutil in ray/thirdparty_files; importing ray adds it
-    import importlib
-
-    importlib.import_module("ray")
-    psutil = importlib.import_module("psutil")
+from sampling import WorkerRSS, psutil
 
 from laion_ray.engine.checkpoint import JobCheckpoint
 from laion_ray.error_log import checkpoint_root
@@ -140,49 +132,6 @@ def run_pylance_sql(uri: str) -> float:
     start = time.perf_counter()
     lance.dataset(uri).add_columns(SQL_COLUMNS)
     return time.perf_counter() - start
-
-
-# --- worker RSS -------------------------------------------------------------------
-class WorkerRSS:
-    """Samples the RSS of this driver's own Ray workers (``ray::`` descendants).
-
-    Only descendants of this process count, so other people's Ray clusters on
-    the same machine are left out.
-    """
-
-    def __init__(self, every_s: float = 0.1):
-        self.every_s = every_s
-        self.peak_single = 0
-        self.peak_total = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _sample(self) -> None:
-        total = 0
-        for proc in psutil.Process(os.getpid()).children(recursive=True):
-            try:
-                if "ray::" not in " ".join(proc.cmdline()):
-                    continue
-                rss = proc.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-            total += rss
-            self.peak_single = max(self.peak_single, rss)
-        self.peak_total = max(self.peak_total, total)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> WorkerRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
 
 # --- kill and resume ----------------------------------------------------------------

@@ -41,7 +41,6 @@ import argparse
 import io
 import os
 import time
-from pathlib import Path
 
 # One core, before numpy/torch/cv2 start their thread pools.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -234,67 +233,6 @@ def bench_ceiling(rows: int, model: str, batch_size: int, repeats: int) -> dict[
     return {"ratio": float(np.median(ratios)), "ratios": ratios}
 
 
-class CpuShare:
-    """Cores busy in the model actors and in everything else over a window, from
-    ``/proc`` (Linux): what the two-actors line can reach on a shared machine.
-
-    A thread polls once a second for the actors' processes (found by their
-    command line) and their CPU time, since they exit when the job ends;
-    everything else is the machine's busy time (``/proc/stat``) minus theirs.
-    """
-
-    ACTOR = "MapWorker(MapBatches(ActorStage))"
-
-    def __init__(self) -> None:
-        import threading
-
-        self.tick = os.sysconf("SC_CLK_TCK")
-        self.actor_cpu: dict[int, float] = {}  # pid -> CPU seconds, last seen
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _busy(self) -> float:
-        first = Path("/proc/stat").read_text().split("\n", 1)[0]
-        user, nice, system, _idle, _iowait, irq, softirq = first.split()[1:8]
-        return sum(map(int, (user, nice, system, irq, softirq))) / self.tick
-
-    def _sample(self) -> None:
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            pid = int(name)
-            try:
-                if pid not in self.actor_cpu:  # a Ray worker renames itself when it becomes one
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        if self.ACTOR.encode() not in f.read():
-                            continue
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                self.actor_cpu[pid] = (int(fields[11]) + int(fields[12])) / self.tick
-            except OSError:  # the process has exited
-                continue
-
-    def _poll(self) -> None:
-        while not self.stop.wait(1.0):
-            self._sample()
-
-    def __enter__(self) -> CpuShare:
-        self._sample()
-        self.before = dict(self.actor_cpu)  # the actors alive now are not this window's
-        self.started, self.busy = time.monotonic(), self._busy()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        self._sample()
-        wall = time.monotonic() - self.started
-        actors = sum(c - self.before.get(p, 0.0) for p, c in self.actor_cpu.items())
-        self.actor_cores = actors / wall
-        self.other_cores = (self._busy() - self.busy - actors) / wall
-
-
 def bench_actors(rows: int, model: str, batch_size: int, repeats: int) -> dict[str, object]:
     """Two model actors against one on a two-node cluster; rows/s of each run."""
     import shutil
@@ -304,6 +242,7 @@ def bench_actors(rows: int, model: str, batch_size: int, repeats: int) -> dict[s
     import pyarrow as pa
     import ray
     from ray.cluster_utils import Cluster
+    from sampling import CpuShare
 
     from laion_ray.backfill import backfill
 
