@@ -241,7 +241,13 @@ class JobLease:
 
     def _generations(self) -> list[int]:
         selector = pafs.FileSelector(self.dir, allow_not_found=True)
-        names = [info.base_name for info in self.fs.get_file_info(selector)]
+        try:
+            names = [info.base_name for info in self.fs.get_file_info(selector)]
+        except FileNotFoundError:
+            # pyarrow's local listing fails, despite allow_not_found, when the
+            # directory is missing as it lists and a racing driver creates it
+            # before pyarrow checks again: there was no generation yet.
+            return []
         return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
     def _read(self, generation: int) -> dict | None:
