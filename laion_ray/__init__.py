@@ -29,7 +29,13 @@ os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "10")
 from laion_ray.backfill import backfill  # noqa: E402
 from laion_ray.dedup import dedup  # noqa: E402
 from laion_ray.error_log import list_errors  # noqa: E402
-from laion_ray.errors import LaionRayError, RowError, SystemicError  # noqa: E402
+from laion_ray.errors import (  # noqa: E402
+    JobFailed,
+    LaionRayError,
+    RowError,
+    StorageError,
+    SystemicError,
+)
 from laion_ray.history import job_history  # noqa: E402
 from laion_ray.index import reindex  # noqa: E402
 from laion_ray.info import dataset_info  # noqa: E402
@@ -41,8 +47,10 @@ from laion_ray.udf import UDF, register, udf  # noqa: E402
 
 __all__ = [
     "UDF",
+    "JobFailed",
     "LaionRayError",
     "RowError",
+    "StorageError",
     "SystemicError",
     "backfill",
     "dataset_info",

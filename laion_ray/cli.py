@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from laion_ray.errors import LaionRayError, brief
+from laion_ray.errors import JobFailed, LaionRayError, SystemicError, brief
 
 Handler = Callable[[argparse.Namespace], int | None]
 _COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], Handler]] = []
@@ -760,10 +760,18 @@ def _dispatch(args: argparse.Namespace, *, log_config: bool, log_path: str | Non
 
 
 def _find_user_error(exc: BaseException | None) -> LaionRayError | None:
+    """The bad input behind ``exc``, if that is what it is.
+
+    Stops at the first failure that is not about input (a store that kept
+    failing, a systemic stage failure): those exit 1 even when some bad-input
+    error appears deeper in the chain.
+    """
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, LaionRayError):
             return exc
+        if isinstance(exc, (JobFailed, SystemicError)):
+            return None
         seen.add(id(exc))
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return None

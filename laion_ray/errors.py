@@ -6,6 +6,9 @@
 - :class:`SystemicError`: a stage failed in a way that is not about one row (a
   missing module, out of memory, a UDF bug): the job stops, nothing is
   recorded against rows, and the CLI prints one line, exit code 1.
+- :class:`JobFailed`: the job could not finish for a reason outside its input:
+  the store kept failing, another writer or driver got in the way. Exit code
+  1; finished work stays checkpointed and the same command resumes it.
 """
 
 
@@ -30,6 +33,18 @@ class SystemicError(Exception):
     The message names the stage and the root cause. The failed work is not
     checkpointed, so rerunning the same command after the fix recomputes it.
     """
+
+
+class JobFailed(Exception):
+    """The store, a concurrent writer or another driver stopped the job: not bad input.
+
+    The message names the cause. Finished work stays checkpointed, so the same
+    command resumes once the cause is gone.
+    """
+
+
+class StorageError(JobFailed):
+    """A storage request kept failing after its retries (or failed for good)."""
 
 
 def brief(exc: BaseException) -> str:

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import lance
 import pyarrow.fs as pafs
 
-from laion_ray.errors import LaionRayError, brief
+from laion_ray.errors import LaionRayError, StorageError, brief
 
 # Environment variables Lance itself reads for S3; passed on explicitly so that
 # pyarrow (checkpoint files) sees the same credentials and endpoint.
@@ -192,7 +192,7 @@ def with_retries(op: str, what: str, fn: Callable[[], T]) -> T:
             raise
         except OSError as exc:
             if attempt == IO_ATTEMPTS - 1:
-                raise LaionRayError(
+                raise StorageError(
                     f"checkpoint {op} of {what} failed {IO_ATTEMPTS} times: {brief(exc)}"
                 ) from exc
             count_io("io_retries")

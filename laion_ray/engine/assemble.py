@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from lance.file import LanceFileWriter
 
 from laion_ray.error_log import ERROR_SCHEMA, part_errors
-from laion_ray.errors import LaionRayError, brief
+from laion_ray.errors import JobFailed, brief
 from laion_ray.storage import cached_dataset, join_uri, open_dataset, resolve_storage_options
 
 from .checkpoint import read_part
@@ -28,7 +28,7 @@ from .commit import ColumnFile, check_unchanged, column_files, delete_data_file,
 from .plan import ROWADDR, WorkUnit
 
 
-class MissingPart(LaionRayError):
+class MissingPart(JobFailed):
     """A finished unit's checkpointed outputs are gone: its rows cannot be committed."""
 
 

@@ -25,7 +25,7 @@ from lance.commit import CommitConflictError
 from lance.dataset import Transaction
 from lance.fragment import DataFile
 
-from laion_ray.errors import LaionRayError
+from laion_ray.errors import JobFailed
 from laion_ray.storage import filesystem, join_uri, open_dataset, resolve_storage_options
 
 from .plan import FragmentState
@@ -38,7 +38,7 @@ UDF_METADATA = b"laion_ray.udf"
 MAX_ATTEMPTS = 12
 
 
-class NotRebaseable(LaionRayError):
+class NotRebaseable(JobFailed):
     """Another writer changed what this commit was computed from."""
 
 
@@ -122,7 +122,7 @@ def commit(
             delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
             log.info("commit conflict (%s); retrying at the newest version in %.2fs", exc, delay)
             time.sleep(delay)
-    raise LaionRayError(f"could not commit to {uri}: {MAX_ATTEMPTS} conflicting writers in a row")
+    raise JobFailed(f"could not commit to {uri}: {MAX_ATTEMPTS} conflicting writers in a row")
 
 
 def add_columns(

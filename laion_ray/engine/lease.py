@@ -43,7 +43,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from laion_ray.errors import LaionRayError
+from laion_ray.errors import JobFailed
 from laion_ray.storage import filesystem, is_local, join_uri, resolve_storage_options
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,11 @@ SETTLE_S = 1.0  # write-then-read-back on stores without conditional writes
 UNREADABLE = {"host": "?", "pid": -1, "run": "?", "since": 0.0, "beats": -1, "released": False}
 
 
-class LeaseHeld(LaionRayError):
+class LeaseHeld(JobFailed):
     """Another live driver runs this job."""
 
 
-class LeaseLost(LaionRayError):
+class LeaseLost(JobFailed):
     """This driver stopped heartbeating long enough for another to take over."""
 
 

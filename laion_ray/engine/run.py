@@ -36,7 +36,7 @@ from laion_ray.error_log import (
     read_part_errors,
     record_errors,
 )
-from laion_ray.errors import LaionRayError, SystemicError
+from laion_ray.errors import JobFailed, LaionRayError, SystemicError
 from laion_ray.ray_env import ray_attached
 from laion_ray.storage import cached_dataset, filesystem, open_dataset
 from laion_ray.udf import TASK_CPUS
@@ -81,7 +81,7 @@ WAVE_MAX_UNITS = 32768
 MAX_UNITS_PER_TASK = 64
 
 
-class AccountingError(LaionRayError):
+class AccountingError(JobFailed):
     """The rows a job computed for a fragment are not the rows it selects."""
 
 
@@ -865,7 +865,7 @@ def _from_text(text: str) -> BaseException | None:
     actor that failed in ``__init__`` surfaces as ``ActorDiedError``)."""
     for module, name, message in _REMOTE_ERROR.findall(text):
         cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, (SystemicError, LaionRayError)):
+        if isinstance(cls, type) and issubclass(cls, (SystemicError, LaionRayError, JobFailed)):
             return cls(message)
     return None
 
@@ -885,7 +885,9 @@ def _root_failure(exc: BaseException, job: str) -> BaseException:
         chain.append(current)
         current = getattr(current, "cause", None) or current.__cause__ or current.__context__
     for cause in chain:
-        if isinstance(cause, (SystemicError, LaionRayError)) and not _is_ray_wrapper(cause):
+        if isinstance(cause, (SystemicError, LaionRayError, JobFailed)) and not _is_ray_wrapper(
+            cause
+        ):
             first_line = (str(cause).splitlines() or [""])[0]
             return cause if cause is exc else type(cause)(first_line)
     if not any(_is_ray_wrapper(c) for c in chain):

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from laion_ray.errors import LaionRayError, SystemicError
+from laion_ray.errors import JobFailed, LaionRayError, SystemicError
 from laion_ray.udf import UDF
 
 from .plan import error_column
@@ -46,6 +46,7 @@ SYSTEMIC_ERRORS: tuple[type[BaseException], ...] = (
     RecursionError,
     SystemError,
     LaionRayError,
+    JobFailed,
 )
 # Rows that must all fail with one error type, and none succeed, before the
 # canary stops the stage: enough that a run of bad images is unlikely to look
