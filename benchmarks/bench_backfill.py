@@ -48,7 +48,7 @@ import pyarrow as pa
 from sampling import WorkerRSS, psutil
 
 from laion_ray.engine.checkpoint import JobCheckpoint
-from laion_ray.error_log import checkpoint_root
+from laion_ray.engine.error_log import checkpoint_root
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -44,7 +44,7 @@ sys.path[:0] = [str(HERE), str(REPO)]
 from bench_backfill import check_columns, fresh_copy, make_table  # noqa: E402
 
 from laion_ray.engine.checkpoint import JobCheckpoint  # noqa: E402
-from laion_ray.error_log import checkpoint_root  # noqa: E402
+from laion_ray.engine.error_log import checkpoint_root  # noqa: E402
 from laion_ray.storage import IO_LOG_ENV, read_io_log  # noqa: E402
 
 

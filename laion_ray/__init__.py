@@ -28,7 +28,7 @@ os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "10")
 # or torch at import time, so `import laion_ray` stays quick.
 from laion_ray.backfill import backfill  # noqa: E402
 from laion_ray.dedup import dedup  # noqa: E402
-from laion_ray.error_log import list_errors  # noqa: E402
+from laion_ray.engine.error_log import list_errors  # noqa: E402
 from laion_ray.errors import (  # noqa: E402
     JobFailed,
     LaionRayError,

@@ -27,7 +27,14 @@ from laion_ray.cluster import (
     start_placement_log,
 )
 from laion_ray.engine.commit import UDF_METADATA
-from laion_ray.engine.plan import ROWADDR, UNIT, UNIT_ROWS, dataset_inputs, error_column
+from laion_ray.engine.plan import (
+    ROWADDR,
+    UNIT,
+    UNIT_DIGEST,
+    UNIT_ROWS,
+    dataset_inputs,
+    error_column,
+)
 from laion_ray.engine.run import COMMIT_EVERY_S, KEY, Job, JobReport, run_job
 from laion_ray.errors import LaionRayError, brief
 from laion_ray.storage import open_dataset
@@ -105,7 +112,7 @@ def _steps(stages: Sequence[UDF]) -> list[tuple[UDF, set[str], list[str]]]:
         later = [c for s in stages[i + 1 :] for c in s.inputs]
         so_far = [c for s in stages[:i] for c in (*s.stored_outputs, error_column(s))]
         # A column made earlier and read later is named twice: keep it once.
-        keep = list(dict.fromkeys([ROWADDR, UNIT, UNIT_ROWS, KEY, *so_far, *later]))
+        keep = list(dict.fromkeys([ROWADDR, UNIT, UNIT_ROWS, UNIT_DIGEST, KEY, *so_far, *later]))
         steps.append((stage, set(produced), keep))
         produced.update(stage.outputs)
     return steps

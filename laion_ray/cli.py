@@ -466,12 +466,13 @@ def _errors_args(p: argparse.ArgumentParser) -> None:
 
 @_errors_args
 def _errors(args: argparse.Namespace) -> None:
-    from laion_ray.error_log import checkpoint_root, list_errors
+    from laion_ray.engine.error_log import list_errors
     from laion_ray.storage import open_dataset
 
     open_dataset(args.uri, storage_options=_storage(args))  # a clear error for a bad URI
     table = list_errors(
-        checkpoint_root(args.uri, args.checkpoint_uri),
+        args.uri,
+        checkpoint_uri=args.checkpoint_uri,
         udf=args.udf,
         limit=args.limit,
         storage_options=_storage(args),

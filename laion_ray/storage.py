@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -19,7 +21,7 @@ from urllib.parse import urlparse
 import lance
 import pyarrow.fs as pafs
 
-from laion_ray.errors import LaionRayError, StorageError, brief
+from laion_ray.errors import JobFailed, LaionRayError, StorageError, brief
 
 # Environment variables Lance itself reads for S3; passed on explicitly so that
 # pyarrow (checkpoint files) sees the same credentials and endpoint.
@@ -33,7 +35,11 @@ _ENV_OPTIONS = {
     "AWS_ENDPOINT_URL": "aws_endpoint",
     "AWS_ALLOW_HTTP": "allow_http",
 }
-SECRET_KEYS = ("secret", "token", "password", "key_id", "credential")
+# Words that make an option or parameter name a secret's: its value is never
+# printed or stored (logs, reports, commit properties, `ray job logs`).
+SECRET_WORDS = frozenset(
+    {"secret", "token", "password", "passwd", "credential", "credentials", "sas", "session"}
+)
 # Checkpoint I/O: attempts and first backoff for transient errors (doubling).
 IO_ATTEMPTS = 6
 IO_BACKOFF_S = 0.1
@@ -63,12 +69,17 @@ def resolve_storage_options(options: Mapping[str, str] | None) -> dict[str, str]
     return resolved
 
 
+def is_secret(name: str) -> bool:
+    """Whether ``name`` names a secret: a word of :data:`SECRET_WORDS`, or ``key``
+    after another word (``aws_access_key_id``, ``account_key``,
+    ``service_account_key``, ``api_key``; not ``key`` or ``key_column``)."""
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    return bool(SECRET_WORDS.intersection(words)) or "key" in words[1:]
+
+
 def mask_secrets(options: Mapping[str, object]) -> dict[str, object]:
-    """Copy of ``options`` safe to log: credential-like values are masked."""
-    return {
-        k: "***" if any(s in k.lower() for s in SECRET_KEYS) and v else v
-        for k, v in options.items()
-    }
+    """Copy of ``options`` safe to log: the values of secrets' names are masked."""
+    return {k: "***" if is_secret(k) and v else v for k, v in options.items()}
 
 
 def is_local(uri: str) -> bool:
@@ -85,7 +96,12 @@ def open_dataset(
     version: int | str | None = None,
     storage_options: Mapping[str, str] | None = None,
 ) -> lance.LanceDataset:
-    """Open a Lance dataset, turning "not found" into an error that names the URI."""
+    """Open a Lance dataset.
+
+    Raises:
+        LaionRayError: Nothing (or no such version) is there: bad input.
+        StorageError: The store could not be read (credentials, network).
+    """
     if is_local(uri) and not os.path.exists(uri.removeprefix("file://")):
         raise LaionRayError(f"no such path: {uri}")
     try:
@@ -93,9 +109,43 @@ def open_dataset(
             uri, version=version, storage_options=resolve_storage_options(storage_options)
         )
     except (ValueError, OSError) as exc:
+        if is_storage_failure(exc):
+            raise StorageError(f"cannot read {uri}: {brief(exc)}") from exc
         raise LaionRayError(f"cannot open {uri} as a Lance dataset: {brief(exc)}") from exc
     finally:
         count_io("dataset_opens")
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """Whether a Lance error is the store failing (I/O, credentials), not the request.
+
+    Lance raises ``ValueError`` for both a bad request (an unknown column, a
+    bad filter, nothing at the path) and an I/O failure; the latter's message
+    starts with ``LanceError(IO)``.
+    """
+    text = str(exc)
+    return "LanceError(IO)" in text and "was not found" not in text
+
+
+@dataclasses.dataclass(frozen=True)
+class PinnedVersion:
+    """One version of one table, told apart from the same number of a table
+    re-created at the same path.
+
+    Attributes:
+        version: The version number.
+        created: When that version's manifest was written (microseconds,
+            ISO 8601): a table deleted and written again at the same path
+            restarts at version 1, at another time.
+    """
+
+    version: int
+    created: str
+
+    @classmethod
+    def of(cls, ds: lance.LanceDataset) -> PinnedVersion:
+        # get_version() reads the loaded manifest: no storage request.
+        return cls(ds.version, ds.get_version()["timestamp"].isoformat())
 
 
 _datasets: collections.OrderedDict[tuple, lance.LanceDataset] = collections.OrderedDict()
@@ -103,20 +153,33 @@ _datasets_lock = threading.Lock()
 
 
 def cached_dataset(
-    uri: str, *, version: int, storage_options: Mapping[str, str] | None = None
+    uri: str, *, pinned: PinnedVersion, storage_options: Mapping[str, str] | None = None
 ) -> lance.LanceDataset:
-    """The dataset at a pinned ``version``, opened once per process.
+    """The dataset at a pinned version, opened once per process.
 
     Every open reads the version's manifest (tens of MB for a table of tens of
     thousands of fragments), so read and assemble tasks that run in the same
-    worker process share one open instead of paying it per work unit. Only a
-    pinned version is cached: it never changes.
+    worker process share one open instead of paying it per work unit. The
+    cache is keyed by the version *and its creation time*: a long-lived
+    worker that opened version 1 of a table must not serve it for version 1
+    of another table written at the same path since.
+
+    Raises:
+        JobFailed: The version at ``uri`` is not the pinned one any more (the
+            table was deleted and written again while the job ran).
     """
-    key = (uri, int(version), tuple(sorted(resolve_storage_options(storage_options).items())))
+    opts = tuple(sorted(resolve_storage_options(storage_options).items()))
+    key = (uri, pinned, opts)
     with _datasets_lock:  # one open even when the local executor's threads race
         ds = _datasets.get(key)
         if ds is None:
-            ds = open_dataset(uri, version=int(version), storage_options=storage_options)
+            ds = open_dataset(uri, version=pinned.version, storage_options=storage_options)
+            if PinnedVersion.of(ds) != pinned:
+                raise JobFailed(
+                    f"{uri}: version {pinned.version} is not the one this job pinned (written "
+                    f"{pinned.created}); the table was written again at this path while the job "
+                    "ran. Rerun the same command: it plans on the new table"
+                )
             _datasets[key] = ds
             while len(_datasets) > DATASET_CACHE_SIZE:
                 _datasets.popitem(last=False)
@@ -225,7 +288,16 @@ def filesystem(uri: str, storage_options: Mapping[str, str] | None = None):
 
 
 def remove_tree(uri: str, storage_options: Mapping[str, str] | None = None) -> None:
-    """Delete a directory tree (checkpoints of a finished job); missing is fine."""
+    """Delete a directory tree (a fragment's parts, a finished job's checkpoint).
+
+    Missing is fine; a store that keeps refusing raises :class:`StorageError`:
+    a checkpoint left behind unnoticed would make the next run of the same
+    command resume a finished job.
+    """
     fs, path = filesystem(uri, storage_options)
-    with contextlib.suppress(FileNotFoundError, OSError):
-        fs.delete_dir(path)
+
+    def delete() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_dir(path)
+
+    with_retries("write", uri, delete)

@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from laion_ray.errors import LaionRayError
+from laion_ray.storage import mask_secrets
 
 # Columns whose name starts with this are passed between the stages of one run
 # and never written to the dataset (e.g. decoded pixels).
@@ -95,8 +96,13 @@ class UDF:
 
     @property
     def key(self) -> str:
-        """Identity of the computation: name, version and parameters."""
-        params = json.dumps(dict(self.params), sort_keys=True, default=str)
+        """Identity of the computation: name, version and parameters.
+
+        It is stored (column metadata, commit properties, the history), so the
+        values of secret parameters (``api_key``, ``token``, ...) are masked:
+        a rotated credential is the same computation.
+        """
+        params = json.dumps(mask_secrets(dict(self.params)), sort_keys=True, default=str)
         return f"{self.name}@{self.version}:{params}"
 
     @staticmethod

@@ -12,7 +12,7 @@ import pytest
 
 from laion_ray.backfill import backfill
 from laion_ray.cli import main
-from laion_ray.error_log import checkpoint_root, list_errors
+from laion_ray.engine.error_log import list_errors
 from laion_ray.errors import LaionRayError
 from laion_ray.history import job_history
 from laion_ray.sample import sample_table, write_sample
@@ -136,7 +136,7 @@ def test_bad_rows_get_null_and_error_records(many_fragments):
     # Only the bad rows are null: bisection kept the rest of each batch.
     assert [k for k, v in values.items() if v is None] == bad
     assert all(values[k] == 2 * k for k in values if k not in bad)
-    errors = list_errors(checkpoint_root(many_fragments))
+    errors = list_errors(many_fragments)
     assert sorted(errors["key"].to_pylist()) == bad
     assert set(errors["udf"].to_pylist()) == {"fail-on-keys"}
     assert set(errors["error_type"].to_pylist()) == {"ValueError"}
@@ -149,7 +149,7 @@ def test_bad_rows_get_null_and_error_records(many_fragments):
         many_fragments, udfs=["helpers:fail_on_keys"], retry_errors=True, max_error_fraction=1
     )
     assert retried.rows_processed == len(bad)
-    assert sorted(list_errors(checkpoint_root(many_fragments))["key"].to_pylist()) == bad
+    assert sorted(list_errors(many_fragments)["key"].to_pylist()) == bad
     # Rows the retry did not touch keep their values in the fragments it rewrote.
     table = lance.dataset(many_fragments).to_table(columns=["key", "key_check"])
     values = dict(zip(table["key"].to_pylist(), table["key_check"].to_pylist(), strict=True))
@@ -248,7 +248,8 @@ def test_auto_executor_runs_cheap_jobs_in_process_and_the_rest_on_ray(many_fragm
     import sys
 
     from laion_ray.backfill import _local_transform, resolve_stages
-    from laion_ray.engine.run import LOCAL_MAX_ROWS, Job
+    from laion_ray.engine.executors import LOCAL_MAX_ROWS
+    from laion_ray.engine.run import Job
     from laion_ray.engine.run import choose_executor as choose
 
     def job(udfs):

@@ -18,12 +18,13 @@ import pytest
 
 from laion_ray.backfill import backfill
 from laion_ray.engine import checkpoint as ckpt
-from laion_ray.engine import run as engine_run
+from laion_ray.engine import executors
+from laion_ray.engine.error_log import checkpoint_root, dataset_identity, failed_keys_by_fragment
 from laion_ray.engine.plan import UnitPlan, fragment_states, split_units
-from laion_ray.error_log import checkpoint_root, failed_keys_by_fragment
-from laion_ray.errors import LaionRayError
+from laion_ray.engine.writeback import assemble_task
+from laion_ray.errors import LaionRayError, StorageError
 from laion_ray.sample import write_sample
-from laion_ray.storage import injected_io_errors, io_counts
+from laion_ray.storage import PinnedVersion, injected_io_errors, io_counts
 
 ROWS = 600
 BAD = [k for k in range(ROWS) if k % 97 == 5]  # what helpers:fail_on_keys fails on
@@ -82,9 +83,9 @@ def test_unit_plan_is_lazy_and_matches_the_unit_list(table):
 
 
 def test_ray_path_in_waves_computes_every_unit(table, ray_session, monkeypatch):
-    monkeypatch.setattr(engine_run, "WAVE_MIN_UNITS", 4)
+    monkeypatch.setattr(executors, "WAVE_MIN_UNITS", 4)
     # 18 units of a narrow column, read 3 a task (a fragment each): one task a wave, 6 waves
-    monkeypatch.setattr(engine_run, "WAVE_MAX_UNITS", 4)
+    monkeypatch.setattr(executors, "WAVE_MAX_UNITS", 4)
     report = backfill(
         table, udfs=["helpers:fail_on_keys"], unit_rows=40, executor="ray", max_error_fraction=1
     )
@@ -102,10 +103,11 @@ def test_checkpoint_is_one_file_per_part_and_the_plan_written_once(table):
     writes = _delta(before)
     checkpoint = _checkpoint(table)
     root = Path(checkpoint.uri)
-    assert sorted(p.name for p in root.iterdir()) == ["job.json", "parts"]
+    # runs/: the canary found bad data, not a broken stage (see engine/failures.py).
+    assert sorted(p.name for p in root.iterdir()) == ["job.json", "parts", "runs"]
     parts = sorted(p.name for p in root.glob("parts/*/*"))
     assert len(parts) == 18 and all(p.endswith(".arrow") for p in parts)
-    assert writes["checkpoint_writes"] == 18 + 1  # the parts and the plan
+    assert writes["checkpoint_writes"] == 18 + 1 + 1  # the parts, the plan, the run's record
     finished = checkpoint.finished_units()
     assert sorted(finished) == list(range(18))
     assert sum(u.rows for u in finished.values()) == ROWS
@@ -126,7 +128,10 @@ def test_commits_write_one_summary_per_fragment_and_drop_its_parts(table):
     writes = _delta(before)
     assert report.commits >= 2  # periodic commits, each after some fragments finished
     # Linear in units and fragments, whatever the number of flushes and commits.
-    assert writes["checkpoint_writes"] == 18 + 6 + 1
+    # A part per unit, a summary per fragment, the plan, the run's canary record,
+    # and per commit its intent and its failed rows (every fragment holds a bad
+    # key), kept until they are recorded (see engine/writeback.py).
+    assert writes["checkpoint_writes"] == 18 + 6 + 1 + 1 + 2 * report.commits
     _assert_key_check(table)
     assert not (Path(checkpoint_root(table)) / "jobs").exists() or not any(
         (Path(checkpoint_root(table)) / "jobs").iterdir()
@@ -167,9 +172,9 @@ def test_an_assembled_fragment_brings_back_one_chunk_not_one_per_unit(table):
     # the commit: a chunk per unit made it grow ~10 KB per unit (issue 14).
     _failed_run(table, unit_rows=5)  # fragment 0: 20 units of 5 rows
     ds = lance.dataset(table)
-    assembled = engine_run._assemble_from_parts(
-        _checkpoint(table), 5, 0, table, 0, 100,
-        pa.schema([("key_check", pa.int64())]), None, ds.version, 100,
+    assembled = assemble_task(
+        _checkpoint(table), 5, 0, table, 0, 100, pa.schema([("key_check", pa.int64())]),
+        None, PinnedVersion.of(ds), 100, "assembled.lance",
     )  # fmt: skip
     assert assembled.errors.num_rows == sum(1 for k in BAD if k < 100)
     assert all(column.num_chunks <= 1 for column in assembled.errors.columns)
@@ -199,7 +204,9 @@ def test_known_bad_keys_are_handed_out_by_unit_row_range(table):
     backfill(
         table, udfs=["helpers:fail_on_keys"], unit_rows=40, executor="local", max_error_fraction=1
     )
-    known = failed_keys_by_fragment(checkpoint_root(table), ["fail-on-keys"])
+    known = failed_keys_by_fragment(
+        checkpoint_root(table), ["fail-on-keys"], dataset=dataset_identity(table)
+    )
     assert sorted(k for v in known.values() for k in v.keys.tolist()) == BAD
     ds = lance.dataset(table)
     addresses = ds.to_table(columns=["key"], with_row_address=True)
@@ -227,7 +234,7 @@ def test_known_bad_keys_are_handed_out_by_unit_row_range(table):
 
 
 def test_known_bad_slice_of_an_empty_range_is_empty():
-    from laion_ray.error_log import KnownBad
+    from laion_ray.engine.error_log import KnownBad
 
     bad = KnownBad(np.array([3, 10, 11, 40]), np.array([103, 110, 111, 140]))
     assert bad.keys_in(0, 3).tolist() == []
@@ -259,7 +266,7 @@ def test_transient_checkpoint_error_is_retried_not_read_as_no_checkpoint(table, 
 def test_a_checkpoint_that_stays_unreadable_stops_the_job_and_keeps_it(table):
     _failed_run(table)
     version = lance.dataset(table).version
-    with injected_io_errors("read", count=100), pytest.raises(LaionRayError, match="failed"):
+    with injected_io_errors("read", count=100), pytest.raises(StorageError, match="failed"):
         backfill(
             table,
             udfs=["helpers:fail_on_keys"],

@@ -23,6 +23,12 @@ from helpers import BadKeyError, bad_keys, buggy_until, is_bad_key
 
 from laion_ray.backfill import backfill
 from laion_ray.cli import main
+from laion_ray.engine.error_log import (
+    checkpoint_root,
+    dataset_identity,
+    failed_keys_by_fragment,
+    list_errors,
+)
 from laion_ray.engine.stages import (
     CANARY_ROWS,
     ActorStage,
@@ -31,7 +37,6 @@ from laion_ray.engine.stages import (
     apply_stage,
     is_row_error,
 )
-from laion_ray.error_log import checkpoint_root, failed_keys_by_fragment, list_errors
 from laion_ray.errors import LaionRayError, RowError, SystemicError
 from laion_ray.preprocess import ImageDecodeError
 from laion_ray.sample import write_sample
@@ -54,6 +59,10 @@ def dataset(tmp_path) -> str:
     uri = str(tmp_path / "d.lance")
     write_sample(uri, rows=ROWS, fragments=FRAGMENTS, seed=3)
     return uri
+
+
+def _known_bad(uri: str, udfs: list[str]) -> dict:
+    return failed_keys_by_fragment(checkpoint_root(uri), udfs, dataset=dataset_identity(uri))
 
 
 def _calls(log) -> list[list[int]]:
@@ -280,9 +289,8 @@ def test_broken_environment_or_udf_stops_at_once_and_the_same_command_succeeds_a
     # Nothing committed, nothing known-bad, nothing listed as a failed row.
     ds = lance.dataset(dataset)
     assert ds.version == version and "plugin_value" not in ds.schema.names
-    root = checkpoint_root(dataset)
-    assert failed_keys_by_fragment(root, [stage]) == {}
-    assert list_errors(root).num_rows == 0
+    assert _known_bad(dataset, [stage]) == {}
+    assert list_errors(dataset).num_rows == 0
 
     _fix(kind, tmp_path)
     report = tmp_path / "report.json"
@@ -295,7 +303,7 @@ def test_broken_environment_or_udf_stops_at_once_and_the_same_command_succeeds_a
     values = _column(dataset, column)
     expected = expected or (lambda k: k + 2)
     assert values == {k: expected(k) for k in range(ROWS)}
-    assert list_errors(root).num_rows == 0
+    assert list_errors(dataset).num_rows == 0
 
 
 def test_cleanly_finished_units_are_reused_after_a_systemic_failure(dataset, tmp_path):
@@ -330,7 +338,7 @@ def test_retrying_known_bad_rows_that_fail_alike_again_is_not_the_canary(dataset
         dataset, udfs=[same], retry_errors=True, max_error_fraction=1, executor="local"
     )
     assert again.rows_processed == again.rows_failed == ROWS // 10
-    assert len(list_errors(checkpoint_root(dataset), limit=1000)) == ROWS // 10
+    assert len(list_errors(dataset, limit=1000)) == ROWS // 10
 
 
 def test_worker_traceback_at_verbose(dataset, tmp_path, executor):
@@ -369,10 +377,7 @@ def test_out_of_memory_batches_are_retried_smaller(dataset, tmp_path, executor):
     assert _column(dataset, "tripled") == {k: 3 * k for k in range(ROWS)}
     sizes = [len(call) for call in _calls(log)]
     assert max(sizes) == 64 and sum(s for s in sizes if s <= 8) == ROWS  # every row, once
-    root = checkpoint_root(dataset)
-    assert (
-        list_errors(root).num_rows == 0 and failed_keys_by_fragment(root, ["memory-hungry"]) == {}
-    )
+    assert list_errors(dataset).num_rows == 0 and _known_bad(dataset, ["memory-hungry"]) == {}
 
 
 def test_row_errors_are_null_and_listed_and_every_other_row_is_correct(dataset, executor, capsys):
@@ -418,11 +423,11 @@ def test_error_gate_shows_its_evidence_and_errors_are_listed_before_any_commit(
     assert main(["errors", dataset, "--limit", "1000"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines and all("(uncommitted run " in line for line in lines)
-    listed = list_errors(checkpoint_root(dataset), limit=1000)
+    listed = list_errors(dataset, limit=1000)
     bad = {k for k in range(ROWS) if is_bad_key(k, 30)}
     assert set(listed["key"].to_pylist()) <= bad and len(lines) == listed.num_rows
     assert not any(listed["committed"].to_pylist())
-    assert failed_keys_by_fragment(checkpoint_root(dataset), ["bad-keys"]) == {}
+    assert _known_bad(dataset, ["bad-keys"]) == {}
     # Bad data, not a broken stage: the finished work is kept for a looser rerun.
     report = backfill(dataset, udfs=[bad30], max_error_fraction=0.5, executor=executor)
     assert report.rows_resumed + report.rows_processed == ROWS
@@ -439,7 +444,7 @@ def test_a_model_that_fails_to_load_stops_the_job_on_ray(dataset, ray_session, c
     assert lines[0].startswith("laion-ray: failed: fails-to-load: FileNotFoundError")
     assert "missing.pt" in lines[0]
     assert lance.dataset(dataset).version == version
-    assert list_errors(checkpoint_root(dataset)).num_rows == 0
+    assert list_errors(dataset).num_rows == 0
 
 
 def test_a_worker_that_keeps_dying_ends_the_job_with_the_root_cause(dataset, ray_session, capsys):

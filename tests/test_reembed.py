@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from laion_ray.backfill import backfill, resolve_stages
-from laion_ray.error_log import checkpoint_root, list_errors
+from laion_ray.engine.error_log import list_errors
 from laion_ray.sample import CORRUPT_KINDS, sample_table, write_sample
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
@@ -43,7 +43,7 @@ def test_embeddings_match_in_process_udf_and_bad_images_get_errors(images, tmp_p
     values = dict(zip(table["key"].to_pylist(), table["img_emb_vit_b_32"].to_pylist(), strict=True))
     assert {k for k, v in values.items() if v is None} == bad
     assert report.rows_failed == len(bad)
-    errors = list_errors(checkpoint_root(uri))
+    errors = list_errors(uri)
     assert set(errors["key"].to_pylist()) == bad
     assert set(errors["udf"].to_pylist()) == {"clip-preprocess"}
 

@@ -29,6 +29,7 @@ from lance.fragment import DataFile
 from laion_ray.backfill import backfill
 from laion_ray.engine import checkpoint as ckpt
 from laion_ray.engine import commit as commit_module
+from laion_ray.engine import executors, writeback
 from laion_ray.engine import run as engine_run
 from laion_ray.engine.commit import (
     UDF_METADATA,
@@ -39,9 +40,9 @@ from laion_ray.engine.commit import (
     field_ids,
     replace_column_files,
 )
+from laion_ray.engine.error_log import checkpoint_root
 from laion_ray.engine.plan import fragment_states, split_units
-from laion_ray.error_log import checkpoint_root
-from laion_ray.errors import LaionRayError
+from laion_ray.errors import JobFailed
 from laion_ray.history import job_history
 from laion_ray.sample import sample_table, write_sample
 
@@ -501,7 +502,7 @@ def test_no_lost_update_when_another_job_commits_the_column_between_assembly_and
     uri = str(tmp_path / "d.lance")
     write_sample(uri, rows=300, fragments=3, seed=10)
     _stamp(uri, 0)  # every row: key * 10
-    real_replace = engine_run.replace_column_files
+    real_replace = writeback.replace_column_files
     a_files: list[dict[int, ColumnFile]] = []
 
     def b_commits_first(dataset_uri, files, *args, **kwargs):
@@ -511,7 +512,7 @@ def test_no_lost_update_when_another_job_commits_the_column_between_assembly_and
             assert b.rows_processed == 50 and b.commits == 1
         return real_replace(dataset_uri, files, *args, **kwargs)
 
-    monkeypatch.setattr(engine_run, "replace_column_files", b_commits_first)
+    monkeypatch.setattr(writeback, "replace_column_files", b_commits_first)
     a = _stamp(uri, 1, where="key % 2 = 0", overwrite=True)
     assert a.rows_processed == 150
 
@@ -547,14 +548,14 @@ def test_a_part_deleted_between_its_write_and_the_commit_fails_the_job(tmp_path,
     real_commit_ready = engine_run._Run._commit_ready
     lost: list[str] = []
 
-    def lose_a_part(self, address):
+    def lose_a_part(self):
         if not lost:
             lost.append(self.checkpoint.fragment_parts(1)[0][0])
             os.remove(lost[0])
-        return real_commit_ready(self, address)
+        return real_commit_ready(self)
 
     monkeypatch.setattr(engine_run._Run, "_commit_ready", lose_a_part)
-    with pytest.raises(LaionRayError, match=r"^fragment 1: its checkpoint holds parts for 50 of"):
+    with pytest.raises(JobFailed, match=r"^fragment 1: its checkpoint holds parts for 50 of"):
         _ratio_local(uri)
     ds = lance.dataset(uri)
     assert "ar_held" not in ds.schema.names or ds.to_table()["ar_held"].null_count == 300
@@ -575,19 +576,16 @@ def test_a_unit_that_lost_its_records_fails_the_job_and_the_rerun_recomputes_it(
     """The stream ends cleanly but a unit's records never arrived: not taken as 0 rows."""
     uri = str(tmp_path / "d.lance")
     write_sample(uri, rows=300, fragments=3, seed=12)
-    real_records = engine_run._Run._local_records
+    real_records = executors.LocalExecutor.records
 
-    def drop_fragment_2(self):
-        for records in real_records(self):
-            keep = [
-                self.plan.states[self.plan.fragment_of(u)].fragment_id != 2
-                for u in records["unit"].to_pylist()
-            ]
-            yield records.filter(pa.array(keep))
+    def drop_fragment_2(self, groups, read_args, part_args):
+        for records in real_records(self, groups, read_args, part_args):
+            # Fragment 2 holds units 4 and 5 (100 rows per fragment, units of 50).
+            yield records.filter(pa.array([u not in (4, 5) for u in records["unit"].to_pylist()]))
 
-    monkeypatch.setattr(engine_run._Run, "_local_records", drop_fragment_2)
+    monkeypatch.setattr(executors.LocalExecutor, "records", drop_fragment_2)
     with pytest.raises(
-        LaionRayError, match="^fragment 2: 0 rows were computed, but the job selects 100"
+        JobFailed, match="^fragment 2: 0 rows were computed, but the job selects 100"
     ):
         _ratio_local(uri)
     assert not [e for e in job_history(uri) if e["operation"] == "DataReplacement"]
@@ -679,10 +677,11 @@ def test_compaction_before_commit_fails_cleanly_and_rerun_recovers(tmp_path, ray
     assert len(lance.dataset(uri).get_fragments()) == 1
     gate.touch()
 
-    assert proc.wait(timeout=180) == 2
+    # Another writer stopped the job: a failed job (exit 1), not bad input (2).
+    assert proc.wait(timeout=180) == 1
     err = (tmp_path / "run.err").read_text()
     assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("laion-ray: error:")]
+    errors = [line for line in err.splitlines() if line.startswith("laion-ray: failed:")]
     assert len(errors) == 1 and "rewritten by another writer" in errors[0], err[-2000:]
     after = _sorted_table(uri)
     assert after.num_rows == 400

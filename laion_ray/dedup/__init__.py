@@ -71,10 +71,10 @@ from laion_ray.dedup.tasks import (
     train_plan,
 )
 from laion_ray.engine.commit import UDF_METADATA
+from laion_ray.engine.error_log import checkpoint_root
 from laion_ray.engine.plan import KEEP, ROWADDR, fragment_states
 from laion_ray.engine.run import COMMIT_EVERY_S, Job, JobReport, classify_outputs, run_job
 from laion_ray.engine.stages import MAX_RETRIES
-from laion_ray.error_log import checkpoint_root
 from laion_ray.errors import LaionRayError
 from laion_ray.index import _sample_task, vector_dim
 from laion_ray.storage import filesystem, join_uri, open_dataset, remove_tree

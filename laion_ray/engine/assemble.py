@@ -11,7 +11,6 @@ Memory is bounded by one unit, whatever the fragment size.
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -19,12 +18,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance.file import LanceFileWriter
 
-from laion_ray.error_log import ERROR_SCHEMA, part_errors
 from laion_ray.errors import JobFailed, brief
-from laion_ray.storage import cached_dataset, join_uri, open_dataset, resolve_storage_options
+from laion_ray.storage import PinnedVersion, cached_dataset, join_uri, resolve_storage_options
 
 from .checkpoint import read_part
 from .commit import ColumnFile, check_unchanged, column_files, delete_data_file, field_ids
+from .error_log import ERROR_SCHEMA, part_errors
 from .plan import ROWADDR, WorkUnit
 
 
@@ -100,21 +99,20 @@ def assemble_fragment(
     schema: pa.Schema,
     storage_options: Mapping[str, str] | None,
     *,
-    version: int | None = None,
+    pinned: PinnedVersion,
+    file_name: str,
 ) -> AssembledFragment:
     """Write ``schema``'s columns for every physical row of ``fragment_id``.
 
     ``units`` must cover the fragment's rows in order, each with its part paths.
-    Rows outside the parts keep the values of the newest version.
-    ``version`` (the newest version the driver saw) lets the tasks of one
-    commit share one dataset open per worker process; None opens the newest.
+    Rows outside the parts keep their values at ``pinned`` (the newest version
+    the driver saw: the tasks of one commit share one dataset open per worker
+    process). The file is ``<uri>/data/<file_name>``: the driver names it, and
+    records the name before any task writes it, so a crash leaves no file it
+    does not know of.
     """
     opts = resolve_storage_options(storage_options)
-    ds = (
-        open_dataset(uri, storage_options=opts)
-        if version is None
-        else cached_dataset(uri, version=version, storage_options=opts)
-    )
+    ds = cached_dataset(uri, pinned=pinned, storage_options=opts)
     check_unchanged(ds, fragment_id, physical_rows)
     fragment = ds.get_fragment(fragment_id)
     existing = [
@@ -123,7 +121,6 @@ def assemble_fragment(
         if f.name in ds.schema.names and column_files(fragment, field_ids(ds, [f.name]))
     ]
     based_on = column_files(fragment, field_ids(ds, schema.names))
-    file_name = f"{uuid.uuid4().hex}.lance"
     writer = LanceFileWriter(join_uri(uri, "data", file_name), schema, storage_options=opts)
     errors: list[pa.Table] = [ERROR_SCHEMA.empty_table()]
     for unit, paths in sorted(units, key=lambda u: u[0].start):

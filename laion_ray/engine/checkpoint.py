@@ -4,13 +4,23 @@ Layout under ``<checkpoint root>/jobs/<fingerprint>/``:
 
 - ``job.json``: the plan (pinned read version, row filter, fragment states,
   unit size), written once when the job is planned;
-- ``parts/<fragment>/<unit>_<run>_<first>_<rows>_<unit rows>_<errors>.arrow``:
+- ``parts/<fragment>/<unit>_<run>_<first>_<rows>_<unit rows>_<errors>_<digest>_<unit digest>.arrow``:
   computed outputs of some rows of a unit, keyed by row address, written by
   workers as batches finish (Arrow IPC: parts are transient, and IPC writes and
   reads several times faster than a Lance file). The name is the record: which
   unit, which run, the part's first row, its rows, the rows the unit's read
-  produced, and its failed rows. A unit is finished when distinct parts of one
-  run add up to the unit's rows;
+  produced, its failed rows, and the digests of its rows and of the unit's
+  (:func:`.plan.row_digests`). A unit is finished when distinct parts of one
+  run add up to the unit's rows and digest;
+- ``runs/<run>``: an empty file once a run's canary has seen that its failures
+  are bad data (some rows succeed, or they fail in different ways). Parts whose
+  every row failed are reused by a later run only if their run has one: a run
+  that failed systemically (a broken UDF, fixed before the rerun) must not
+  leave its rows recorded as bad;
+- ``commits/<commit>.json`` (+ ``.errors.arrow``): the intent of one commit in
+  flight, written before its column files (their names) and before the commit
+  (its failed rows), deleted once the commit is complete; a rerun settles each
+  one, see :mod:`laion_ray.engine.writeback`;
 - ``committed/<fragment>_<rows>_<errors>``: an empty file per fragment whose
   columns are committed, the compacted summary that replaces its parts (which
   are then deleted).
@@ -47,10 +57,21 @@ from laion_ray.storage import (
     with_retries,
 )
 
-from .plan import ERROR_PREFIX, KEEP, ROWADDR, UNIT, UNIT_ROWS, FragmentState, UnitPlan
+from .plan import (
+    ERROR_PREFIX,
+    KEEP,
+    ROWADDR,
+    UNIT,
+    UNIT_DIGEST,
+    UNIT_ROWS,
+    FragmentState,
+    UnitPlan,
+    digest_sum,
+    row_digests,
+)
 
 # Part of every job fingerprint: checkpoints written in another format are not reused.
-PART_FORMAT = "arrow-ipc-2"
+PART_FORMAT = "arrow-ipc-3"
 RECORD_SCHEMA = pa.schema(
     [
         ("unit", pa.int32()),
@@ -59,6 +80,8 @@ RECORD_SCHEMA = pa.schema(
         ("rows", pa.int32()),
         ("unit_rows", pa.int32()),
         ("errors", pa.int32()),
+        ("digest", pa.uint64()),
+        ("unit_digest", pa.uint64()),
     ]
 )
 PART_SUFFIX = ".arrow"
@@ -73,7 +96,10 @@ class FinishedUnit:
 
 
 def part_name(rec: Mapping[str, object]) -> str:
-    return f"{rec['unit']}_{rec['run']}_{rec['first']}_{rec['rows']}_{rec['unit_rows']}_{rec['errors']}{PART_SUFFIX}"
+    return (
+        f"{rec['unit']}_{rec['run']}_{rec['first']}_{rec['rows']}_{rec['unit_rows']}_"
+        f"{rec['errors']}_{rec['digest']:016x}_{rec['unit_digest']:016x}{PART_SUFFIX}"
+    )
 
 
 def parse_part_name(name: str) -> dict | None:
@@ -81,14 +107,16 @@ def parse_part_name(name: str) -> dict | None:
     if not name.endswith(PART_SUFFIX):
         return None
     fields = name[: -len(PART_SUFFIX)].split("_")
-    if len(fields) != 6:
+    if len(fields) != 8:
         return None
-    unit, run, first, rows, unit_rows, errors = fields
+    unit, run, first, rows, unit_rows, errors, digest, unit_digest = fields
     return {
         "unit": int(unit),
         "run": run,
         "first": int(first),
         "rows": int(rows),
+        "digest": int(digest, 16),
+        "unit_digest": int(unit_digest, 16),
         "unit_rows": int(unit_rows),
         "errors": int(errors),
     }
@@ -115,6 +143,8 @@ def write_parts(
     records = []
     units = batch[UNIT].to_numpy()
     addresses = batch[ROWADDR].to_numpy()
+    digests = row_digests(addresses)
+    unit_digests = batch[UNIT_DIGEST].to_numpy()
     errors = _error_counts(batch)
     keep = (
         batch[KEEP].to_numpy(zero_copy_only=False).astype(bool)
@@ -138,6 +168,8 @@ def write_parts(
             "rows": int(end - begin),
             "unit_rows": int(batch[UNIT_ROWS][int(begin)].as_py()),
             "errors": int(errors[begin:end].sum()),
+            "digest": digest_sum(digests[begin:end]),
+            "unit_digest": int(unit_digests[begin]),
         }
         _write_part(join_uri(job_uri, "parts", str(address >> 32), part_name(rec)), part, opts)
         records.append(rec)
@@ -190,24 +222,29 @@ class UnitTally:
     """Adds up part records per (unit, run) until they cover the unit's rows.
 
     Only units with parts but not yet finished are held, so in a run this is
-    bounded by the units in flight. Parts are told apart by (first row, rows):
-    a retried task that rewrites the same part is counted once.
+    bounded by the units in flight. Parts are told apart by (first row, rows,
+    digest): a retried task that rewrites the same part is counted once. A
+    unit is finished only when its parts' rows *and* digests add up to the
+    unit's: parts of one run split differently (a block recomputed with other
+    batch boundaries) could otherwise add up to the unit's row count while
+    holding some rows twice and others not at all.
     """
 
     def __init__(self) -> None:
-        self._open: dict[tuple[int, str], dict[tuple[int, int], tuple[int, str | None]]] = {}
+        self._open: dict[tuple[int, str], dict[tuple[int, int, int], tuple[int, str | None]]] = {}
 
     def add(self, rec: Mapping, path: str | None = None) -> FinishedUnit | None:
         """Count one part; return the unit once its parts of this run cover it."""
         key = (rec["unit"], rec["run"])
         parts = self._open.setdefault(key, {})
-        parts[(rec["first"], rec["rows"])] = (rec["errors"], path)
-        rows = sum(r for _, r in parts)
-        if rows != rec["unit_rows"]:
+        parts[(rec["first"], rec["rows"], rec["digest"])] = (rec["errors"], path)
+        if sum(rows for _, rows, _ in parts) != rec["unit_rows"]:
+            return None
+        if sum(digest for _, _, digest in parts) % 2**64 != rec["unit_digest"]:
             return None
         del self._open[key]
         paths = sorted(p for _, p in parts.values() if p is not None)
-        return FinishedUnit(rec["unit"], paths, rows, sum(e for e, _ in parts.values()))
+        return FinishedUnit(rec["unit"], paths, rec["unit_rows"], sum(e for e, _ in parts.values()))
 
     def forget(self, unit: int) -> None:
         """Drop what is held for a unit finished by another run."""
@@ -281,12 +318,21 @@ class JobCheckpoint:
         self._manifest_uri = join_uri(self.uri, "job.json")
         self._parts_uri = join_uri(self.uri, "parts")
         self._committed_uri = join_uri(self.uri, "committed")
+        self._commits_uri = join_uri(self.uri, "commits")
+        self._runs_uri = join_uri(self.uri, "runs")
 
     # --- plan -------------------------------------------------------------
     def load_manifest(self) -> dict | None:
         """The plan, or None when there is none: only a true "not found" is absence."""
-        fs, path = filesystem(self._manifest_uri, self.storage_options)
-        info = with_retries("read", self._manifest_uri, lambda: fs.get_file_info(path))
+        return self._read_json(self._manifest_uri)
+
+    def save_manifest(self, manifest: dict) -> None:
+        """Write the plan; once per job."""
+        self._write_json(self._manifest_uri, manifest)
+
+    def _read_json(self, uri: str) -> dict | None:
+        fs, path = filesystem(uri, self.storage_options)
+        info = with_retries("read", uri, lambda: fs.get_file_info(path))
         if info.type == pafs.FileType.NotFound:
             return None
 
@@ -294,23 +340,49 @@ class JobCheckpoint:
             with fs.open_input_stream(path) as f:
                 return f.read()
 
-        return json.loads(with_retries("read", self._manifest_uri, read).decode())
+        return json.loads(with_retries("read", uri, read).decode())
 
-    def save_manifest(self, manifest: dict) -> None:
-        """Write the plan; once per job."""
-        fs, path = filesystem(self._manifest_uri, self.storage_options)
-        data = json.dumps(manifest).encode()
+    def _write_json(self, uri: str, obj: dict) -> None:
+        """Replace a small JSON file whole: readers see the old or the new one."""
+        fs, path = filesystem(uri, self.storage_options)
+        data = json.dumps(obj).encode()
+        local = is_local(uri)
 
         def write() -> None:
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            if local:
+                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp" if local else path
             with fs.open_output_stream(tmp) as f:
                 f.write(data)
-            fs.move(tmp, path)  # atomic on local disk; a single PUT on object stores
+            if tmp != path:
+                fs.move(tmp, path)  # atomic on local disk; one PUT is atomic on object stores
 
-        with_retries("write", self._manifest_uri, write)
+        with_retries("write", uri, write)
         count_io("checkpoint_bytes", len(data))
         count_io("checkpoint_writes")
+
+    def _touch(self, uri: str) -> None:
+        fs, path = filesystem(uri, self.storage_options)
+
+        def write() -> None:
+            try:
+                stream = fs.open_output_stream(path)
+            except FileNotFoundError:  # the first file of its folder on local disk
+                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                stream = fs.open_output_stream(path)
+            stream.close()
+
+        with_retries("write", uri, write)
+        count_io("checkpoint_writes")
+
+    def _delete(self, uri: str) -> None:
+        fs, path = filesystem(uri, self.storage_options)
+
+        def delete() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                fs.delete_file(path)
+
+        with_retries("write", uri, delete)
 
     # --- listing ----------------------------------------------------------
     def _list(self, uri: str) -> list[pafs.FileInfo]:
@@ -341,9 +413,55 @@ class JobCheckpoint:
 
     def delete_part(self, path: str) -> None:
         """Drop one part: its unit is then not finished for any later run."""
-        fs, fs_path = filesystem(path, self.storage_options)
-        with contextlib.suppress(FileNotFoundError):
-            fs.delete_file(fs_path)
+        self._delete(path)
+
+    # --- runs whose failed rows are bad data ------------------------------------
+    def vouch(self, run_id: str) -> None:
+        """Record that ``run_id``'s failed rows are bad data, not a broken stage."""
+        self._touch(join_uri(self._runs_uri, run_id))
+
+    def revoke(self, run_id: str) -> None:
+        """Undo :meth:`vouch`: the run stopped systemically after all."""
+        self._delete(join_uri(self._runs_uri, run_id))
+
+    def vouched(self) -> set[str]:
+        return {i.base_name for i in self._list(self._runs_uri) if i.type == pafs.FileType.File}
+
+    # --- commits in flight --------------------------------------------------------
+    def write_intent(self, commit_id: str, intent: dict) -> None:
+        """Record what commit ``commit_id`` will write, before it writes anything."""
+        self._write_json(join_uri(self._commits_uri, f"{commit_id}.json"), intent)
+
+    def intents(self) -> list[tuple[str, dict]]:
+        """``(commit id, intent)`` of every commit that did not complete, oldest first."""
+        found = []
+        for info in sorted(self._list(self._commits_uri), key=lambda i: i.base_name):
+            if info.base_name.endswith(".json"):
+                commit_id = info.base_name[: -len(".json")]
+                intent = self._read_json(join_uri(self._commits_uri, info.base_name))
+                if intent is not None:
+                    found.append((commit_id, intent))
+        return found
+
+    def save_errors(self, commit_id: str, errors: pa.Table) -> None:
+        """Keep a commit's failed rows until they are in the errors table."""
+        path = join_uri(self._commits_uri, f"{commit_id}.errors.arrow")
+        _write_part(path, errors, resolve_storage_options(self.storage_options))
+
+    def load_errors(self, commit_id: str) -> pa.Table | None:
+        """The failed rows :meth:`save_errors` kept, or None if none were saved."""
+        try:
+            return read_part(
+                join_uri(self._commits_uri, f"{commit_id}.errors.arrow"),
+                resolve_storage_options(self.storage_options),
+            )
+        except FileNotFoundError:
+            return None
+
+    def close_intent(self, commit_id: str) -> None:
+        """The commit is complete: forget its intent (errors first, the intent last)."""
+        self._delete(join_uri(self._commits_uri, f"{commit_id}.errors.arrow"))
+        self._delete(join_uri(self._commits_uri, f"{commit_id}.json"))
 
     def finished_units(self) -> dict[int, FinishedUnit]:
         """Finished units of the fragments not yet committed."""
@@ -365,24 +483,13 @@ class JobCheckpoint:
         return summaries
 
     def mark_committed(self, fragments: Mapping[int, tuple[int, int]]) -> None:
-        """Record committed fragments (``id -> (rows, errors)``), then drop their parts."""
+        """Record committed fragments (``id -> (rows, errors)``)."""
         for fragment_id, (rows, errors) in fragments.items():
-            uri = join_uri(self._committed_uri, f"{fragment_id}_{rows}_{errors}")
-            fs, path = filesystem(uri, self.storage_options)
+            self._touch(join_uri(self._committed_uri, f"{fragment_id}_{rows}_{errors}"))
 
-            def write(fs=fs, path=path) -> None:
-                try:
-                    stream = fs.open_output_stream(path)
-                except FileNotFoundError:  # the first summary on local disk
-                    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-                    stream = fs.open_output_stream(path)
-                stream.close()
-
-            with_retries("write", uri, write)
-            count_io("checkpoint_writes")
+    def drop_parts(self, fragments: Iterable[int]) -> None:
+        """Delete the parts of committed fragments: their summaries replace them."""
         for fragment_id in fragments:
-            # Best effort: leftover parts of a committed fragment are ignored and
-            # go with the job's folder at the end.
             remove_tree(join_uri(self._parts_uri, str(fragment_id)), self.storage_options)
 
     def remove(self) -> None:

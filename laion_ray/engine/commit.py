@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 JOB_PROPERTY = "laion_ray.job"
 DETAILS_PROPERTY = "laion_ray.details"
+# The commit's own id (see engine/writeback.py): a rerun after a crash looks
+# for it to tell whether the commit landed.
+COMMIT_PROPERTY = "laion_ray.commit"
 UDF_METADATA = b"laion_ray.udf"
 MAX_ATTEMPTS = 12
 
@@ -92,13 +95,20 @@ def commit(
     job: str,
     details: Mapping[str, object],
     storage_options: Mapping[str, str] | None = None,
+    commit_id: str | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> lance.LanceDataset:
     """Commit ``build(latest)`` at the newest version, rebuilding it on conflict.
 
     ``build`` returns ``None`` when there is nothing left to do at that version.
+    ``before_commit`` runs right before every attempt (the lease's fence: a
+    driver that lost its lease must not commit). ``commit_id`` is recorded in
+    the transaction properties (:data:`COMMIT_PROPERTY`).
     """
     opts = resolve_storage_options(storage_options)
     properties = {JOB_PROPERTY: job, DETAILS_PROPERTY: json.dumps(details, default=str)}
+    if commit_id is not None:
+        properties[COMMIT_PROPERTY] = commit_id
     for attempt in range(MAX_ATTEMPTS):
         latest = open_dataset(uri, storage_options=opts)
         try:
@@ -107,6 +117,8 @@ def commit(
             continue
         if operation is None:
             return latest
+        if before_commit is not None:
+            before_commit()
         try:
             return lance.LanceDataset.commit(
                 uri,
@@ -132,6 +144,7 @@ def add_columns(
     job: str,
     details: Mapping[str, object],
     storage_options: Mapping[str, str] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> lance.LanceDataset:
     """Add all-null columns (metadata only) on top of the newest schema."""
 
@@ -144,7 +157,14 @@ def add_columns(
             schema = schema.append(field)
         return lance.LanceOperation.Project(schema)
 
-    return commit(uri, build, job=job, details=details, storage_options=storage_options)
+    return commit(
+        uri,
+        build,
+        job=job,
+        details=details,
+        storage_options=storage_options,
+        before_commit=before_commit,
+    )
 
 
 def tag_version(
@@ -178,6 +198,8 @@ def replace_column_files(
     details: Mapping[str, object],
     storage_options: Mapping[str, str] | None = None,
     reassemble: Callable[[Sequence[int]], Mapping[int, ColumnFile]] | None = None,
+    commit_id: str | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> lance.LanceDataset:
     """Swap in new column files, never over values newer than they were built from.
 
@@ -204,6 +226,8 @@ def replace_column_files(
         reassemble: Rebuilds the given fragments' files from the job's
             checkpointed outputs; without it a changed fragment is
             :class:`NotRebaseable`.
+        commit_id: Recorded in the transaction properties.
+        before_commit: Runs right before every commit attempt (the fence).
     """
     opts = resolve_storage_options(storage_options)
     current = dict(files)
@@ -235,7 +259,46 @@ def replace_column_files(
             current[fragment_id] = fresh[fragment_id]
         raise Rebuild
 
-    return commit(uri, build, job=job, details=details, storage_options=opts)
+    return commit(
+        uri,
+        build,
+        job=job,
+        details=details,
+        storage_options=opts,
+        commit_id=commit_id,
+        before_commit=before_commit,
+    )
+
+
+def landed(
+    uri: str,
+    commit_id: str,
+    since_version: int,
+    files: Mapping[int, Sequence[str]],
+    storage_options: Mapping[str, str] | None = None,
+) -> bool:
+    """Whether commit ``commit_id`` (made after ``since_version``) is in the dataset.
+
+    It is if the newest version references one of its ``files`` (fragment id
+    -> file names), or if a newer version's transaction carries the id (the
+    file may have been replaced by another writer since).
+    """
+    latest = open_dataset(uri, storage_options=storage_options)
+    for fragment_id, names in files.items():
+        fragment = latest.get_fragment(int(fragment_id))
+        if fragment is not None and set(names) & {f.path for f in fragment.metadata.files}:
+            return True
+    for version in range(since_version + 1, latest.version + 1):
+        try:
+            transaction = latest.read_transaction(version)
+        except TypeError:  # a compaction pylance cannot decode: not ours
+            continue
+        except (ValueError, OSError):  # cleaned up: the file check above decides
+            continue
+        properties = (transaction.transaction_properties or {}) if transaction else {}
+        if properties.get(COMMIT_PROPERTY) == commit_id:
+            return True
+    return False
 
 
 def delete_data_file(uri: str, file_name: str, opts: Mapping[str, str]) -> None:

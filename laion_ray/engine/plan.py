@@ -16,6 +16,9 @@ from laion_ray.udf import UDF
 ROWADDR = "_rowaddr"
 UNIT = "_unit"
 UNIT_ROWS = "_unit_rows"
+# The sum of the unit's rows' digests (see row_digests): with UNIT_ROWS it tells
+# whether a set of parts holds exactly the unit's rows, whatever their order.
+UNIT_DIGEST = "_unit_digest"
 ERROR_PREFIX = "_error:"
 KEEP = "_keep"  # optional: rows computed but with no new value (e.g. unmatched keys)
 # A unit bounds a task's memory: about UNIT_BYTES of input, so an image unit
@@ -43,6 +46,26 @@ class FragmentState:
     fragment_id: int
     physical_rows: int
     input_files: tuple[str, ...]
+
+
+def row_digests(addresses: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row address (splitmix64's finaliser).
+
+    Parts of a unit are told complete when their rows add up to the unit's
+    and their digests, summed modulo 2**64, to the unit's: parts that hold
+    some row twice and miss another cannot match both but by a 2**-64 chance,
+    however the rows were split (a shuffle interleaves them).
+    """
+    with np.errstate(over="ignore"):
+        z = addresses.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def digest_sum(digests: np.ndarray) -> int:
+    with np.errstate(over="ignore"):
+        return int(np.sum(digests, dtype=np.uint64))
 
 
 def error_column_name(producer: str) -> str:

@@ -9,14 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laion_ray.storage import cached_dataset
+from laion_ray.storage import PinnedVersion, cached_dataset
 
-from .plan import ROWADDR, UNIT, UNIT_ROWS, WorkUnit
+from .plan import ROWADDR, UNIT, UNIT_DIGEST, UNIT_ROWS, WorkUnit, row_digests
 
 
 def read_units(
     uri: str,
-    version: int,
+    pinned: PinnedVersion,
     units: Sequence[WorkUnit],
     columns: Sequence[str],
     where: str | None,
@@ -36,7 +36,7 @@ def read_units(
         a.end != b.start or a.fragment_id != b.fragment_id for a, b in itertools.pairwise(units)
     ):
         raise ValueError(f"read_units needs adjacent units of one fragment, got {units}")
-    ds = cached_dataset(uri, version=version, storage_options=storage_options)
+    ds = cached_dataset(uri, pinned=pinned, storage_options=storage_options)
     fragment_id = units[0].fragment_id
     base = fragment_id << 32
     bounds = f"{ROWADDR} >= {base + units[0].start} AND {ROWADDR} < {base + units[-1].end}"
@@ -51,6 +51,12 @@ def read_units(
     offsets = table[ROWADDR].to_numpy() & 0xFFFFFFFF
     which = np.searchsorted([u.start for u in units], offsets, side="right") - 1
     rows_per_unit = np.bincount(which, minlength=len(units))
-    return table.append_column(
-        UNIT, pa.array(np.array([u.index for u in units], np.int32)[which])
-    ).append_column(UNIT_ROWS, pa.array(rows_per_unit[which].astype(np.int32)))
+    digests = row_digests(table[ROWADDR].to_numpy())
+    unit_digests = np.zeros(len(units), np.uint64)
+    with np.errstate(over="ignore"):
+        np.add.at(unit_digests, which, digests)
+    return (
+        table.append_column(UNIT, pa.array(np.array([u.index for u in units], np.int32)[which]))
+        .append_column(UNIT_ROWS, pa.array(rows_per_unit[which].astype(np.int32)))
+        .append_column(UNIT_DIGEST, pa.array(unit_digests[which]))
+    )

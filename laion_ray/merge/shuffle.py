@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laion_ray.engine.plan import KEEP, ROWADDR, UNIT, UNIT_ROWS
+from laion_ray.engine.plan import KEEP, ROWADDR, UNIT, UNIT_DIGEST, UNIT_ROWS
 from laion_ray.merge.broadcast import positions
 from laion_ray.merge.source import BUCKET, EXAMPLES, SIDE, conform, duplicate_error, write_keys
 from laion_ray.storage import resolve_storage_options
@@ -56,7 +56,7 @@ def _join_bucket(group: pa.Table, *, on: str, columns: Sequence[str], out_schema
         return out_schema.empty_table()
     hit, pos = positions(right, on, left[on])
     take = pa.array(np.where(hit, pos, 0))
-    arrays = [left[c] for c in (on, ROWADDR, UNIT, UNIT_ROWS)]
+    arrays = [left[c] for c in (on, ROWADDR, UNIT, UNIT_ROWS, UNIT_DIGEST)]
     for name in columns:
         values = right[name].take(take) if right.num_rows else left[name]
         arrays.append(pc.if_else(pa.array(hit), values, pa.scalar(None, values.type)))
@@ -150,7 +150,13 @@ def validate_shuffle(
 
     columns = list(types)
     join_schema = pa.schema(
-        [(on, key_type), (ROWADDR, pa.uint64()), (UNIT, pa.int32()), (UNIT_ROWS, pa.int32())]
+        [
+            (on, key_type),
+            (ROWADDR, pa.uint64()),
+            (UNIT, pa.int32()),
+            (UNIT_ROWS, pa.int32()),
+            (UNIT_DIGEST, pa.uint64()),
+        ]
         + [(n, t) for n, t in types.items()]
     )
     out_schema = pa.schema([*join_schema, (KEEP, pa.bool_())])

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laion_ray.engine.plan import KEEP, ROWADDR, UNIT, UNIT_ROWS
+from laion_ray.engine.plan import KEEP, ROWADDR, UNIT, UNIT_DIGEST, UNIT_ROWS
 from laion_ray.errors import LaionRayError, brief
 from laion_ray.storage import filesystem, is_local, open_dataset, resolve_storage_options
 
@@ -34,7 +34,7 @@ EXAMPLES = 5
 # Columns the join adds; a source column may not use these names.
 SIDE = "_side"
 BUCKET = "_bucket"
-RESERVED = (ROWADDR, UNIT, UNIT_ROWS, KEEP, SIDE, BUCKET)
+RESERVED = (ROWADDR, UNIT, UNIT_ROWS, UNIT_DIGEST, KEEP, SIDE, BUCKET)
 
 
 # --- the source ---------------------------------------------------------------

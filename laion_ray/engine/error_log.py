@@ -6,12 +6,18 @@ lands there when its fragment is committed; only those rows are known-bad (left
 alone by incremental reruns). Rows that failed in a run that has not committed
 them yet (stopped by the error gate, say) are read from that job's checkpoint
 parts and listed too, marked ``committed = false``.
+
+Each record names its dataset (several datasets may share one
+``--checkpoint-uri``), the plan that computed it (a resumed plan must not skip
+its own failed rows: its parts count them) and the commit that recorded it
+(so a commit redone after a crash records its rows once).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -21,11 +27,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from laion_ray.engine.checkpoint import JobCheckpoint, read_part
-from laion_ray.engine.plan import ERROR_PREFIX, ROWADDR
-from laion_ray.storage import filesystem, join_uri, resolve_storage_options
+from laion_ray.errors import StorageError, brief
+from laion_ray.storage import filesystem, is_local, join_uri, resolve_storage_options
 
-# What a failed row records; the log adds the job and the time.
+from .checkpoint import JobCheckpoint, read_part
+from .plan import ERROR_PREFIX, ROWADDR
+
+# What a failed row records; the log adds who recorded it, where and when.
 ERROR_SCHEMA = pa.schema(
     [
         ("key", pa.int64()),
@@ -36,8 +44,20 @@ ERROR_SCHEMA = pa.schema(
         ("message", pa.string()),
     ]
 )
-ERROR_LOG_SCHEMA = ERROR_SCHEMA.append(pa.field("job", pa.string())).append(
-    pa.field("created_at", pa.timestamp("us", tz="UTC"))
+# Columns added to the log after its first release: older tables gain them
+# (null) at their next append, and a null dataset is read as any dataset.
+IDENTITY_FIELDS = [
+    pa.field("dataset", pa.string()),
+    pa.field("plan", pa.string()),
+    pa.field("commit", pa.string()),
+]
+ERROR_LOG_SCHEMA = pa.schema(
+    [
+        *ERROR_SCHEMA,
+        pa.field("job", pa.string()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        *IDENTITY_FIELDS,
+    ]
 )
 # What ``list_errors`` returns: false for rows of a run that has not committed them.
 LISTED_SCHEMA = ERROR_LOG_SCHEMA.append(pa.field("committed", pa.bool_()))
@@ -48,42 +68,87 @@ def checkpoint_root(uri: str, checkpoint_uri: str | None = None) -> str:
     return checkpoint_uri or join_uri(uri, "_laion_ray")
 
 
+def dataset_identity(uri: str) -> str:
+    """The name under which a dataset's rows are recorded: its URI, normalised."""
+    if is_local(uri):
+        return os.path.abspath(uri.removeprefix("file://"))
+    return uri.rstrip("/")
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, FileNotFoundError) or "not found" in text or "NotFound" in text
+
+
 def _open(root: str, storage_options: Mapping[str, str] | None) -> lance.LanceDataset | None:
+    """The errors table, or None if there is none yet.
+
+    Only "not found" means none: a store that cannot be read (credentials, a
+    network failure) must stop the job, never read as "no known-bad rows".
+    """
+    uri = join_uri(root, "errors.lance")
     try:
-        return lance.dataset(
-            join_uri(root, "errors.lance"), storage_options=resolve_storage_options(storage_options)
-        )
-    except (ValueError, OSError):
-        return None
+        return lance.dataset(uri, storage_options=resolve_storage_options(storage_options))
+    except (ValueError, OSError) as exc:
+        if _is_not_found(exc):
+            return None
+        raise StorageError(f"cannot read the errors table {uri}: {brief(exc)}") from exc
 
 
-def _quote(values: Sequence[str]) -> str:
-    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+def _of_dataset(ds: lance.LanceDataset, dataset: str) -> pc.Expression:
+    if "dataset" not in ds.schema.names:  # a table from before datasets were recorded
+        return pc.scalar(True)
+    return pc.field("dataset").is_null() | (pc.field("dataset") == dataset)
+
+
+def _with_identity(ds: lance.LanceDataset, table: pa.Table) -> pa.Table:
+    """Rows read from the table, with the identity columns an older table lacks."""
+    for field in IDENTITY_FIELDS:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(ERROR_LOG_SCHEMA.names).cast(ERROR_LOG_SCHEMA)
 
 
 def record_errors(
     root: str,
     errors: pa.Table,
     *,
+    dataset: str,
     job: str,
+    plan: str,
+    commit: str,
     replace_fragments: Sequence[int] = (),
     udfs: Sequence[str] = (),
     storage_options: Mapping[str, str] | None = None,
 ) -> None:
-    """Append error rows; first drop older records of ``udfs`` in ``replace_fragments``
-    (those rows were all retried by this job)."""
+    """Append the error rows of one commit.
+
+    First drops older records of ``udfs`` in ``replace_fragments`` of this
+    dataset (those rows were all retried by this job). Redo after a crash with
+    :func:`recorded`: a commit whose rows are there already is done.
+    """
     opts = resolve_storage_options(storage_options)
     existing = _open(root, opts)
     if existing is not None and replace_fragments and udfs:
-        frags = ", ".join(str(int(f)) for f in replace_fragments)
-        existing.delete(f"fragment_id IN ({frags}) AND udf IN ({_quote(udfs)})")
+        existing.delete(
+            pc.field("fragment_id").isin([int(f) for f in replace_fragments])
+            & pc.field("udf").isin(list(udfs))
+            & _of_dataset(existing, dataset)
+        )
     if not errors.num_rows:
         return
+    if existing is not None and (
+        missing := [f for f in IDENTITY_FIELDS if f.name not in existing.schema.names]
+    ):
+        existing.add_columns(missing)
+    n = errors.num_rows
     now = dt.datetime.now(dt.timezone.utc)
-    table = errors.append_column("job", pa.array([job] * errors.num_rows, pa.string()))
-    table = table.append_column(
-        "created_at", pa.array([now] * errors.num_rows, ERROR_LOG_SCHEMA.field("created_at").type)
-    )
+    table = errors.select(ERROR_SCHEMA.names)
+    for name, value in (("job", job), ("created_at", now), ("dataset", dataset), ("plan", plan),
+                        ("commit", commit)):  # fmt: skip
+        table = table.append_column(
+            ERROR_LOG_SCHEMA.field(name), pa.array([value] * n, ERROR_LOG_SCHEMA.field(name).type)
+        )
     lance.write_dataset(
         table.cast(ERROR_LOG_SCHEMA),
         join_uri(root, "errors.lance"),
@@ -92,30 +157,55 @@ def record_errors(
     )
 
 
+def recorded(root: str, commit: str, storage_options: Mapping[str, str] | None = None) -> bool:
+    """Whether the errors table holds rows of ``commit`` (its errors are recorded)."""
+    ds = _open(root, storage_options)
+    if ds is None or "commit" not in ds.schema.names:
+        return False
+    return ds.count_rows(filter=pc.field("commit") == commit) > 0
+
+
 def list_errors(
-    root: str,
+    uri: str,
     *,
+    checkpoint_uri: str | None = None,
     udf: str | None = None,
     limit: int | None = None,
     storage_options: Mapping[str, str] | None = None,
 ) -> pa.Table:
-    """Failed rows: committed ones (known-bad), then those of uncommitted runs.
+    """Failed rows of dataset ``uri``: committed ones (known-bad), then those
+    of its uncommitted runs.
 
-    Returns a table of :data:`LISTED_SCHEMA`, at most ``limit`` rows.
+    Args:
+        uri: The dataset.
+        checkpoint_uri: Where its checkpoints and errors live (default
+            ``<uri>/_laion_ray``).
+        udf: Only rows this UDF stage failed on.
+        limit: At most this many rows.
+        storage_options: Object-store options.
+
+    Returns:
+        A table of :data:`LISTED_SCHEMA`.
     """
+    root = checkpoint_root(uri, checkpoint_uri)
+    dataset = dataset_identity(uri)
     ds = _open(root, storage_options)
-    committed = (
-        ds.to_table(filter=f"udf = {_quote([udf])}" if udf else None, limit=limit)
-        if ds is not None
-        else ERROR_LOG_SCHEMA.empty_table()
-    )
+    if ds is not None:
+        wanted = _of_dataset(ds, dataset)
+        if udf:
+            wanted &= pc.field("udf") == udf
+        committed = _with_identity(ds, ds.to_table(filter=wanted, limit=limit))
+    else:
+        committed = ERROR_LOG_SCHEMA.empty_table()
     committed = committed.append_column(
         "committed", pa.array([True] * committed.num_rows, pa.bool_())
     )
     left = None if limit is None else limit - committed.num_rows
     if left is not None and left <= 0:
         return committed.cast(LISTED_SCHEMA)
-    pending = uncommitted_errors(root, udf=udf, limit=left, storage_options=storage_options)
+    pending = uncommitted_errors(
+        root, dataset=dataset, udf=udf, limit=left, storage_options=storage_options
+    )
     return pa.concat_tables([committed.cast(LISTED_SCHEMA), pending])
 
 
@@ -167,14 +257,16 @@ def read_part_errors(
 def uncommitted_errors(
     root: str,
     *,
+    dataset: str,
     udf: str | None = None,
     limit: int | None = None,
     storage_options: Mapping[str, str] | None = None,
 ) -> pa.Table:
-    """Failed rows that checkpoints hold but no commit has recorded yet.
+    """Failed rows of ``dataset`` that checkpoints hold but no commit has recorded yet.
 
-    Reads only parts whose name counts errors, in fragments the job has not
-    committed (those rows are in ``errors.lance`` already).
+    Looks only at checkpoints planned on ``dataset`` (several datasets may
+    share a root), and there only at parts whose name counts errors, in
+    fragments the job has not committed (those rows are in ``errors.lance``).
     """
     opts = resolve_storage_options(storage_options)
     fs, jobs_path = filesystem(join_uri(root, "jobs"), opts)
@@ -184,6 +276,9 @@ def uncommitted_errors(
         if info.type != pafs.FileType.Directory or (limit is not None and found >= limit):
             continue
         checkpoint = JobCheckpoint(root, info.base_name, opts)
+        manifest = checkpoint.load_manifest()
+        if manifest is None or dataset_identity(manifest["uri"]) != dataset:
+            continue
         committed = checkpoint.committed()
         with_errors = [
             path
@@ -201,11 +296,16 @@ def uncommitted_errors(
             if limit is not None:
                 errors = errors.slice(0, limit - found)
             n = errors.num_rows
-            errors = (
-                errors.append_column("job", pa.array([checkpoint.fingerprint] * n, pa.string()))
-                .append_column("created_at", pa.nulls(n, LISTED_SCHEMA.field("created_at").type))
-                .append_column("committed", pa.array([False] * n, pa.bool_()))
-            )
+            columns = {
+                "job": pa.array([checkpoint.fingerprint] * n, pa.string()),
+                "created_at": pa.nulls(n, LISTED_SCHEMA.field("created_at").type),
+                "dataset": pa.array([dataset] * n, pa.string()),
+                "plan": pa.array([manifest.get("plan")] * n, pa.string()),
+                "commit": pa.nulls(n, pa.string()),
+                "committed": pa.array([False] * n, pa.bool_()),
+            }
+            for name, column in columns.items():
+                errors = errors.append_column(name, column)
             tables.append(errors.cast(LISTED_SCHEMA))
             found += n
     return pa.concat_tables([LISTED_SCHEMA.empty_table(), *tables])
@@ -252,19 +352,28 @@ class KnownBad:
 
 
 def failed_keys_by_fragment(
-    root: str, udfs: Sequence[str], storage_options: Mapping[str, str] | None = None
+    root: str,
+    udfs: Sequence[str],
+    storage_options: Mapping[str, str] | None = None,
+    *,
+    dataset: str,
+    exclude_plan: str | None = None,
 ) -> dict[int, KnownBad]:
-    """Keys that failed in any of ``udfs``, per fragment, to be handed out per unit.
+    """Keys of ``dataset`` that failed in any of ``udfs``, per fragment, to be
+    handed out per unit.
 
-    Held as numpy arrays (16 bytes a failed row), not one list per fragment
-    shipped with every unit of that fragment.
+    ``exclude_plan`` leaves out the rows a plan recorded itself: when a
+    resumed plan redoes a commit, its parts still hold those rows, so they are
+    its own results, not rows to skip. Held as numpy arrays (16 bytes a failed
+    row), not one list per fragment shipped with every unit of that fragment.
     """
     ds = _open(root, storage_options)
     if ds is None or not udfs:
         return {}
-    table = ds.to_table(
-        columns=["key", "fragment_id", "row_offset"], filter=f"udf IN ({_quote(udfs)})"
-    )
+    wanted = pc.field("udf").isin(list(udfs)) & _of_dataset(ds, dataset)
+    if exclude_plan is not None and "plan" in ds.schema.names:
+        wanted &= pc.field("plan").is_null() | (pc.field("plan") != exclude_plan)
+    table = ds.to_table(columns=["key", "fragment_id", "row_offset"], filter=wanted)
     table = table.filter(pc.is_valid(table["key"])).sort_by(
         [("fragment_id", "ascending"), ("row_offset", "ascending")]
     )
