@@ -19,15 +19,15 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pyarrow as pa
 
 from laion_ray import recall as rc
 from laion_ray.engine.commit import NotRebaseable, column_files, commit, field_ids, tag_version
 from laion_ray.errors import LaionRayError
+from laion_ray.ivf import balanced_groups, sample_vectors, train_ivf, vector_dim
 from laion_ray.storage import join_uri, open_dataset, remove_tree, resolve_storage_options
 
 log = logging.getLogger(__name__)
@@ -86,85 +86,11 @@ class ReindexReport:
         return "\n".join([head, rc.format_table(points), outcome, f"timings: {times}"])
 
 
-def batch_vectors(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """``(float32 [n, dim] matrix, valid mask)`` of a fixed-size-list array chunk.
-
-    Null and NaN vectors are marked invalid rather than dropped so that row
-    positions stay aligned with the fragment's offsets.
-    """
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    dim = arr.type.list_size
-    flat = arr.values.slice(arr.offset * dim, len(arr) * dim)
-    vecs = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
-    valid = ~np.isnan(vecs).any(axis=1)
-    if arr.null_count:
-        valid &= arr.is_valid().to_numpy(zero_copy_only=False)
-    return vecs, valid
-
-
-def vector_dim(ds, column: str) -> int:
-    """Dimension of a fixed-size float-list column, or a ``LaionRayError`` naming it."""
-    if column not in ds.schema.names:
-        raise LaionRayError(f"no column {column!r} in {ds.uri} (columns: {ds.schema.names})")
-    t = ds.schema.field(column).type
-    if not (pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type)):
-        raise LaionRayError(
-            f"column {column!r} is {t}, not a vector column (fixed_size_list<float, dim>)"
-        )
-    return t.list_size
-
-
 def default_sub_vectors(dim: int) -> int:
     """dim/16 (Lance's choice, 16-d sub-vectors), else the largest divisor giving >= 8-d."""
     if dim % 16 == 0:
         return dim // 16
     return max(d for d in range(1, dim + 1) if dim % d == 0 and dim // d >= min(8, dim))
-
-
-def _groups(fragments: Sequence[tuple[int, int]], n: int) -> list[list[int]]:
-    """Split ``(fragment_id, rows)`` into ``n`` groups of similar row counts."""
-    groups: list[list[int]] = [[] for _ in range(max(1, min(n, len(fragments))))]
-    loads = [0] * len(groups)
-    for fid, rows in sorted(fragments, key=lambda f: -f[1]):
-        i = loads.index(min(loads))
-        groups[i].append(fid)
-        loads[i] += rows
-    return [sorted(g) for g in groups if g]
-
-
-def _sample_task(uri, version, storage_options, column, picks, seed):
-    """Scan some fragments once: random training rows, query rows, NaN count.
-
-    ``picks`` maps fragment id -> (training quota, sorted query offsets). Query
-    rows are held out of training so recall is measured on unseen vectors.
-    """
-    import lance
-
-    ds = lance.dataset(uri, version=version, storage_options=dict(storage_options or {}))
-    train, queries, qids, nan_rows = [], [], [], 0
-    for fid, (quota, qoffsets) in picks.items():
-        frag = ds.get_fragment(fid)
-        n = frag.count_rows()
-        rng = np.random.default_rng(seed + fid)
-        candidates = np.setdiff1d(np.arange(n), qoffsets)
-        chosen = np.sort(rng.choice(candidates, size=min(quota, len(candidates)), replace=False))
-        start = 0
-        for batch in frag.scanner(columns=[column], with_row_id=True).to_batches():
-            vecs, valid = batch_vectors(batch.column(column))
-            nan_rows += int((~valid).sum())
-            end = start + len(vecs)
-            sel = chosen[(chosen >= start) & (chosen < end)] - start
-            train.append(vecs[sel][valid[sel]].copy())
-            qsel = qoffsets[(qoffsets >= start) & (qoffsets < end)] - start
-            qsel = qsel[valid[qsel]]
-            queries.append(vecs[qsel].copy())
-            qids.append(batch.column("_rowid").to_numpy()[qsel])
-            start = end
-    dim = ds.schema.field(column).type.list_size
-    cat = lambda xs, shape: np.concatenate(xs) if xs else np.empty(shape, np.float32)  # noqa: E731
-    sample = cat(train, (0, dim))
-    return sample, cat(queries, (0, dim)), cat(qids, (0,)), nan_rows, len(sample)
 
 
 def _train_task(sample_refs, partitions, sub_vectors, metric, sample_rate, use_gpu):
@@ -183,25 +109,6 @@ def _train_task(sample_refs, partitions, sub_vectors, metric, sample_rate, use_g
             ivf, sub_vectors, sample_rate=max(2, min(sample_rate, len(sample) // PQ_CODES))
         )
     return ivf.centroids, pq.codebook
-
-
-def train_ivf(sample: np.ndarray, partitions, metric, sample_rate, use_gpu, tmp: str):
-    """``(builder, IVF model)``: Lance's k-means over ``sample`` (``[n, dim]``), as
-    single-node ``create_index`` trains it; ``dedup`` partitions with it too."""
-    import lance
-    from lance.indices import IndicesBuilder
-
-    vec = pa.FixedSizeListArray.from_arrays(pa.array(sample.ravel()), sample.shape[1])
-    scratch = lance.write_dataset(pa.table({"v": vec}), f"{tmp}/sample.lance")
-    builder = IndicesBuilder(scratch, "v")
-    ivf = builder.train_ivf(
-        partitions,
-        distance_type=metric,
-        # Same row count as single-node create_index: partitions x sample_rate.
-        sample_rate=max(2, min(sample_rate, len(sample) // partitions)),
-        accelerator="cuda" if use_gpu else None,
-    )
-    return builder, ivf
 
 
 def _build_task(
@@ -335,7 +242,7 @@ def reindex(
     ensure_ray()
     capacity = cluster_capacity()  # autoscalable nodes count: a 0-CPU head is not the cluster
     num_workers = capacity.worker_count(num_workers)
-    groups = _groups(frags, num_workers)
+    groups = balanced_groups(frags, num_workers)
     version, timings, t0 = ds.version, {}, time.perf_counter()
     old = [i for i in ds.describe_indices() if list(i.field_names) == [column]]
     name = old[0].name if old else f"{column}_idx"
@@ -351,7 +258,7 @@ def reindex(
         for (fid, r), s in zip(frags, starts[:-1], strict=True)
     }
     parts = [
-        remote(_sample_task)
+        remote(sample_vectors)
         .options(num_returns=5)
         .remote(uri, version, opts, column, {f: picks[f] for f in g}, 0)
         for g in groups

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from laion_ray.ivf import batch_vectors
+
 log = logging.getLogger(__name__)
 
 #: (nprobes, refine_factor) grid, kept small: every point costs 100 queries.
@@ -76,8 +78,6 @@ def _exact_topk_task(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k (distances, row ids) per query over some fragments."""
     import lance
-
-    from laion_ray.index import batch_vectors
 
     ds = lance.dataset(uri, version=version, storage_options=dict(storage_options or {}))
     best_d = np.full((len(queries), 0), np.inf, dtype=np.float32)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from laion_ray.errors import LaionRayError
-from laion_ray.index import vector_dim
+from laion_ray.ivf import vector_dim
 from laion_ray.storage import open_dataset
 
 log = logging.getLogger(__name__)

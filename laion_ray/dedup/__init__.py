@@ -3,7 +3,7 @@
 SemDeDup's recipe (arXiv 2303.09540) as a distributed job:
 
 1. *partition*: k-means centroids are trained on a sample with the index
-   build's trainer (``laion_ray.index.train_ivf``, cosine); every row goes to
+   build's trainer (``laion_ray.ivf.train_ivf``, cosine); every row goes to
    its nearest 2 partitions so that a pair straddling a boundary still meets
    in one of them;
 2. *compare*: inside each partition, block-wise cosine similarity (a numpy
@@ -76,7 +76,7 @@ from laion_ray.engine.run import COMMIT_EVERY_S, Job, JobReport, classify_output
 from laion_ray.engine.stages import MAX_RETRIES
 from laion_ray.error_log import checkpoint_root
 from laion_ray.errors import LaionRayError
-from laion_ray.index import _sample_task, vector_dim
+from laion_ray.ivf import balanced_groups, sample_vectors, vector_dim
 from laion_ray.storage import filesystem, join_uri, open_dataset, remove_tree
 from laion_ray.udf import TASK_CPUS
 
@@ -391,8 +391,6 @@ def _group(ds, report, scratch, read_columns, partitions, max_rows, sample_rate,
     """Steps 1-3 on Ray; writes ``groups/<fragment>.arrow`` and ``done.json`` under ``scratch``."""
     import ray
 
-    from laion_ray.index import _groups
-
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     remove_tree(scratch, opts)  # a half-written grouping of a crashed run
@@ -413,9 +411,9 @@ def _group(ds, report, scratch, read_columns, partitions, max_rows, sample_rate,
     none = np.empty(0, np.int64)
     picks = {fid: (round(n_train * r / rows) if rows else 0, none) for fid, r in frags}
     samples = [
-        remote(_sample_task, 0.5).options(num_returns=5)
+        remote(sample_vectors, 0.5).options(num_returns=5)
         .remote(ds.uri, version, opts, column, {f: picks[f] for f in g}, 0)
-        for g in _groups(frags, workers)
+        for g in balanced_groups(frags, workers)
     ]  # fmt: skip
     nan_rows = sum(ray.get([s[3] for s in samples]))
     report.sample_rows = sum(ray.get([s[4] for s in samples]))

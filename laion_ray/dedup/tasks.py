@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from laion_ray.dedup import graph
-from laion_ray.index import batch_vectors, train_ivf
+from laion_ray.ivf import batch_vectors, train_ivf
 from laion_ray.storage import filesystem, join_uri, resolve_storage_options
 
 # Vectors travel between tasks as float16: half the shuffle, and the cosine of two
