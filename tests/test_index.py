@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from laion_ray import recall as rc
-from laion_ray.errors import LaionRayError
+from laion_ray.errors import JobFailed, LaionRayError
 from laion_ray.index import default_sub_vectors, reindex
 from laion_ray.search import pylance_filter, search
 
@@ -148,7 +148,8 @@ def test_swap_is_refused_when_the_indexed_fragments_were_rewritten(
         compacted["indices"] = index_uuids(indexed)  # compaction remaps the old index
 
     _during_verify(monkeypatch, compact)
-    with pytest.raises(LaionRayError, match="was rewritten by another writer"):
+    # A writer rewrote the indexed fragments: a failed job (exit 1), not bad input.
+    with pytest.raises(JobFailed, match="was rewritten by another writer"):
         reindex(str(indexed), partitions=16, sub_vectors=8)
     ds = lance.dataset(str(indexed))
     assert len(ds.get_fragments()) == 1
