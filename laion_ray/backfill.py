@@ -29,7 +29,8 @@ from laion_ray.cluster import (
 from laion_ray.engine.commit import UDF_METADATA
 from laion_ray.engine.plan import ROWADDR, UNIT, UNIT_ROWS, dataset_inputs, error_column
 from laion_ray.engine.run import COMMIT_EVERY_S, KEY, Job, JobReport, run_job
-from laion_ray.errors import LaionRayError, brief
+from laion_ray.errors import LaionRayError
+from laion_ray.filters import check_filter, to_lance_sql
 from laion_ray.storage import open_dataset
 from laion_ray.udf import UDF, resolve
 
@@ -80,11 +81,7 @@ def _check_inputs(ds: lance.LanceDataset, stages: Sequence[UDF], where: str | No
             stage.validate(pa.schema([fields[col] for col in stage.inputs]))
         for field in stage.output_schema:
             fields[field.name] = field.with_metadata({UDF_METADATA: stage.key.encode()})
-    if where:
-        try:
-            ds.scanner(filter=where, columns=[], with_row_id=True, limit=1).to_table()
-        except Exception as exc:  # Lance raises several types for a bad expression
-            raise LaionRayError(f"bad --where {where!r}: {brief(exc)}") from exc
+    check_filter(ds, where)
 
 
 def _output_schema(stages: Sequence[UDF]) -> pa.Schema:
@@ -255,6 +252,8 @@ def backfill(
         uri: Lance dataset (local path or object-store URI).
         udfs: Registry names (``aspect-ratio``), ``package.module:Name`` or UDFs.
         where: SQL filter; other rows keep their value (null for new columns).
+            The one filter language of every command (:mod:`laion_ray.filters`):
+            ``"NSFW" = 0`` and `` `NSFW` = 0 `` both name the column.
         overwrite: Replace existing columns in place (e.g. ``img_emb``).
         retry_errors: Also recompute rows recorded as failed earlier.
         max_error_fraction: Stop, committing nothing more, above this failure rate.
@@ -288,6 +287,7 @@ def backfill(
     """
     if not udfs:
         raise LaionRayError("give at least one --udf")
+    where = to_lance_sql(where)  # the engine (plan, checkpoint, reads) gets Lance SQL
     stages = resolve_stages(udfs, batch_size=batch_size, concurrency=concurrency, params=udf_params)
     overrides = Overrides(gpus, max_actors, device, decode_cpus).validate()
     pipeline = _StagePipeline(stages, overrides, canary=not retry_errors)

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from laion_ray.errors import JobFailed, LaionRayError, SystemicError, brief
 
 Handler = Callable[[argparse.Namespace], int | None]
+# Every --where speaks the same SQL (laion_ray.filters); its help says so once.
+WHERE_SYNTAX = "\"Col\" and `Col` name a column, 'text' is a string"
 _COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], Handler]] = []
 
 
@@ -277,6 +279,11 @@ def _dedup_args(p: argparse.ArgumentParser) -> None:
         help=f"kept row of a group: {', '.join(KEEP_RULES)} or a numeric column (highest)",
     )
     p.add_argument("--exact", action="store_true", help="also group identical md5 images")
+    p.add_argument(
+        "--where",
+        help=f"SQL filter ({WHERE_SYNTAX}): only these rows are grouped, the others "
+        "keep their values",
+    )
     p.add_argument("--overwrite", action="store_true", help="regroup every row")
     p.add_argument("--partitions", type=int, help="k-means partitions (default rows/2048)")
     p.add_argument(
@@ -307,6 +314,7 @@ def _dedup(args: argparse.Namespace) -> None:
         threshold=args.threshold,
         keep=args.keep,
         exact=args.exact,
+        where=args.where,
         overwrite=args.overwrite,
         partitions=args.partitions,
         max_partition_rows=args.max_partition_rows,
@@ -386,7 +394,10 @@ def _backfill_args(p: argparse.ArgumentParser) -> None:
         metavar="UDF.KEY=VALUE",
         help="UDF parameter, e.g. moderation-rules.nsfw_threshold=0.8 (JSON values)",
     )
-    p.add_argument("--where", help="SQL filter; other rows keep their value (null when new)")
+    p.add_argument(
+        "--where",
+        help=f"SQL filter ({WHERE_SYNTAX}); other rows keep their value (null when new)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing columns in place")
     p.add_argument("--retry-errors", action="store_true", help="recompute rows that failed before")
     p.add_argument("--max-error-fraction", type=float, default=0.01)
@@ -458,6 +469,11 @@ def _udfs(args: argparse.Namespace) -> None:
 def _errors_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("uri")
     p.add_argument("--udf", help="only this UDF stage")
+    p.add_argument(
+        "--where",
+        help=f"SQL filter ({WHERE_SYNTAX}) over the error records: key, fragment_id, "
+        "row_offset, udf, error_type, message, job, created_at, committed",
+    )
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.add_argument("--checkpoint-uri")
@@ -467,15 +483,21 @@ def _errors_args(p: argparse.ArgumentParser) -> None:
 @_errors_args
 def _errors(args: argparse.Namespace) -> None:
     from laion_ray.error_log import checkpoint_root, list_errors
+    from laion_ray.filters import filter_table, to_lance_sql
     from laion_ray.storage import open_dataset
 
     open_dataset(args.uri, storage_options=_storage(args))  # a clear error for a bad URI
+    where = to_lance_sql(args.where)
     table = list_errors(
         checkpoint_root(args.uri, args.checkpoint_uri),
         udf=args.udf,
-        limit=args.limit,
+        # list_errors takes no filter (yet): the listing is filtered here, whole,
+        # so that --limit counts matching records.
+        limit=None if where else args.limit,
         storage_options=_storage(args),
     )
+    if where:
+        table = filter_table(table, where).slice(0, args.limit)
     rows = table.to_pylist()
     if args.json:
         _print_json(rows)
@@ -581,7 +603,9 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="CLIP model NAME[:PRETRAINED or checkpoint path]")
     p.add_argument("--column", default="img_emb")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--where", help="SQL prefilter, e.g. '\"NSFW\" = 0 AND similarity > 0.3'")
+    p.add_argument(
+        "--where", help=f"SQL prefilter ({WHERE_SYNTAX}), e.g. '\"NSFW\" = 0 AND similarity > 0.3'"
+    )
     p.add_argument("--nprobes", type=int, default=20)
     p.add_argument("--refine-factor", type=int)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -628,7 +652,7 @@ def _materialize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest", help="dataset URI to create (must not exist)")
     p.add_argument(
         "--where",
-        help='SQL filter; "Col" (LanceDB quoting) and `Col` both name a column',
+        help=f"SQL filter ({WHERE_SYNTAX})",
     )
     p.add_argument("--columns", help="comma-separated columns to keep (default: all)")
     p.add_argument("--limit", type=int, help="keep at most N matching rows")

@@ -15,7 +15,7 @@ import pytest
 from laion_ray import recall as rc
 from laion_ray.errors import JobFailed, LaionRayError
 from laion_ray.index import default_sub_vectors, reindex
-from laion_ray.search import pylance_filter, search
+from laion_ray.search import search
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -250,12 +250,6 @@ def test_search_by_row_vector_and_prefilter(indexed, tmp_path):
 def test_bad_search_input(indexed, kwargs, message):
     with pytest.raises(LaionRayError, match=message):
         search(str(indexed), **kwargs)
-
-
-def test_pylance_filter_quotes_identifiers_not_literals():
-    assert (
-        pylance_filter('"NSFW" = 0 AND caption = \'a "b"\'') == "`NSFW` = 0 AND caption = 'a \"b\"'"
-    )
 
 
 def test_cli_search_and_reindex_errors(indexed, capsys):
