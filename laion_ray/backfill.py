@@ -32,7 +32,7 @@ from laion_ray.engine.run import COMMIT_EVERY_S, KEY, Job, JobReport, run_job
 from laion_ray.errors import LaionRayError
 from laion_ray.filters import check_filter, to_lance_sql
 from laion_ray.storage import open_dataset
-from laion_ray.udf import UDF, resolve
+from laion_ray.udf import UDF, check_params, resolve
 
 BackfillReport = JobReport
 log = logging.getLogger(__name__)
@@ -45,7 +45,12 @@ def resolve_stages(
     concurrency: int | None = None,
     params: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[UDF]:
-    """Expand UDF names into stages; equal stages (e.g. one image decode) run once."""
+    """Expand UDF names into stages; equal stages (e.g. one image decode) run once.
+
+    Raises:
+        LaionRayError: ``params`` name a parameter that its UDF does not declare.
+    """
+    check_params(udfs, params or {})
     stages: list[UDF] = []
     for spec in udfs:
         name = spec if isinstance(spec, str) else spec.name

@@ -356,19 +356,28 @@ def _demo(args: argparse.Namespace) -> None:
 # --- backfill / errors / history --------------------------------------------
 
 
-def _parse_params(pairs: list[str]) -> dict[str, dict[str, object]]:
-    params: dict[str, dict[str, object]] = {}
+def _parse_params(pairs: list[str], udfs: Sequence[str]) -> dict[str, dict[str, object]]:
+    """``--param UDF.KEY=VALUE`` flags, each value converted by the type its UDF declares.
+
+    Strict: a malformed flag, a repeated key, a UDF not in ``udfs``, a name the
+    UDF does not declare or a value that does not convert is bad input.
+    """
+    from laion_ray.udf import typed_params
+
+    raw: dict[str, dict[str, str]] = {}
     for pair in pairs:
         target, sep, value = pair.partition("=")
         udf_name, dot, key = target.rpartition(".")
         if not sep or not dot or not udf_name or not key:
             raise LaionRayError(f"--param expects UDF.KEY=VALUE, got {pair!r}")
-        try:
-            parsed: object = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        params.setdefault(udf_name, {})[key] = parsed
-    return params
+        given = raw.setdefault(udf_name, {})
+        if key in given:
+            raise LaionRayError(
+                f"--param {udf_name}.{key} is given twice ({given[key]!r}, then {value!r}); "
+                "give it once"
+            )
+        given[key] = value
+    return typed_params(udfs, raw)
 
 
 @command(
@@ -392,7 +401,8 @@ def _backfill_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="UDF.KEY=VALUE",
-        help="UDF parameter, e.g. moderation-rules.nsfw_threshold=0.8 (JSON values)",
+        help="UDF parameter, e.g. moderation-rules.nsfw_threshold=0.8; the value is read as "
+        "the type the UDF declares (bools: true/false, None: null, lists: JSON)",
     )
     p.add_argument(
         "--where",
@@ -426,7 +436,7 @@ def _backfill(args: argparse.Namespace) -> None:
     report = backfill(
         args.uri,
         udfs=args.udf,
-        udf_params=_parse_params(args.param),
+        udf_params=_parse_params(args.param, args.udf),
         where=args.where,
         overwrite=args.overwrite,
         retry_errors=args.retry_errors,
