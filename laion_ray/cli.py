@@ -339,7 +339,14 @@ def _dedup(args: argparse.Namespace) -> None:
     example="laion-ray demo --dir ./laion-ray-demo --rows 1000",
 )
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dir", default="./laion-ray-demo", help="working directory (recreated)")
+    p.add_argument(
+        "--dir",
+        default="./laion-ray-demo",
+        help="working directory, recreated; a non-empty one the demo did not make is refused",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="delete --dir even if the demo did not make it"
+    )
     p.add_argument("--rows", type=int, default=1000)
     _ray_flags(p)
 
@@ -350,7 +357,7 @@ def _demo(args: argparse.Namespace) -> None:
 
     if args.rows < 600:
         raise LaionRayError(f"--rows must be at least 600 to train the index, got {args.rows}")
-    run_demo(args.dir, rows=args.rows, address=args.address)
+    run_demo(args.dir, rows=args.rows, address=args.address, force=args.force)
 
 
 # --- backfill / errors / history --------------------------------------------
