@@ -19,8 +19,7 @@ from laion_ray.cluster import (
     Overrides,
     Plan,
     cluster_capacity,
-    describe_plan,
-    format_stages,
+    format_plan,
     placement_report,
     plan_stages,
     shares_actor,
@@ -142,11 +141,7 @@ class _StagePipeline:
         self.plan = plan_stages(self.stages, cluster_capacity(), self.overrides)
         if self.placement is None:  # one log for every wave of the job
             self.placement, self._placement_actor = start_placement_log()
-        log.info(
-            "resource plan on %s: %s",
-            self.plan.capacity.to_dict(),
-            "; ".join(line.strip() for line in format_stages(describe_plan(self.plan))),
-        )
+        log.info("%s", format_plan(self.plan))
         if self.plan.cpu_limit is not None:
             options = data.context.execution_options
             options.resource_limits = options.resource_limits.copy(cpu=self.plan.cpu_limit)
