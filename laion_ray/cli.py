@@ -557,7 +557,27 @@ def _reindex_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sub-vectors", type=int, help="PQ sub-vectors, must divide the dimension")
     p.add_argument("--metric", default="l2", choices=["l2", "cosine", "dot"])
     p.add_argument("--sample-rate", type=int, default=256, help="training rows per centroid")
-    p.add_argument("--min-recall", type=float, help="keep the old index if recall@10 is lower")
+    from laion_ray.recall import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
+
+    p.add_argument(
+        "--min-recall",
+        type=float,
+        help="keep the old index if recall@10 at the gate's search settings is lower",
+    )
+    p.add_argument(
+        "--gate-nprobes",
+        type=int,
+        default=SEARCH_NPROBES,
+        help=f"nprobes the gate measures recall at (default {SEARCH_NPROBES}, the card's "
+        "query and `laion-ray search`'s)",
+    )
+    p.add_argument(
+        "--gate-refine-factor",
+        type=int,
+        default=SEARCH_REFINE_FACTOR,
+        help=f"refine_factor the gate measures recall at (default {SEARCH_REFINE_FACTOR}, "
+        "as `laion-ray search`; 0: no refine)",
+    )
     p.add_argument("--tag", help="tag the committed version")
     p.add_argument(
         "--workers",
@@ -574,6 +594,7 @@ def _reindex_flags(p: argparse.ArgumentParser) -> None:
     "reindex",
     help="rebuild the IVF_PQ index on Ray, report recall, swap it in atomically",
     example="laion-ray reindex ./laion.lance --column img_emb --min-recall 0.9 --plot r.png",
+    # The gate: recall@10 at --gate-nprobes/--gate-refine-factor (the card's query).
 )
 def _reindex_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("uri")
@@ -596,6 +617,8 @@ def _reindex(args: argparse.Namespace) -> int:
         metric=args.metric,
         sample_rate=args.sample_rate,
         min_recall=args.min_recall,
+        gate_nprobes=args.gate_nprobes,
+        gate_refine_factor=args.gate_refine_factor or None,
         tag=args.tag,
         num_workers=args.num_workers,
         storage_options=_storage(args),
@@ -623,8 +646,21 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--where", help=f"SQL prefilter ({WHERE_SYNTAX}), e.g. '\"NSFW\" = 0 AND similarity > 0.3'"
     )
-    p.add_argument("--nprobes", type=int, default=20)
-    p.add_argument("--refine-factor", type=int)
+    from laion_ray.recall import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
+
+    p.add_argument(
+        "--nprobes",
+        type=int,
+        default=SEARCH_NPROBES,
+        help=f"IVF partitions probed (default {SEARCH_NPROBES}, as the card's query)",
+    )
+    p.add_argument(
+        "--refine-factor",
+        type=int,
+        default=SEARCH_REFINE_FACTOR,
+        help=f"re-rank k x this candidates exactly (default {SEARCH_REFINE_FACTOR}, as the "
+        "card's query; 0: no refine)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _storage_flags(p)
 
@@ -642,7 +678,7 @@ def _search(args: argparse.Namespace) -> None:
         k=args.k,
         where=args.where,
         nprobes=args.nprobes,
-        refine_factor=args.refine_factor,
+        refine_factor=args.refine_factor or None,
         column=args.column,
         storage_options=_storage(args),
     )

@@ -14,6 +14,7 @@ import numpy as np
 from laion_ray.errors import LaionRayError
 from laion_ray.filters import to_lance_sql
 from laion_ray.ivf import vector_dim
+from laion_ray.recall import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 from laion_ray.storage import open_dataset
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,8 @@ def search(
     model: str | None = None,
     k: int = 10,
     where: str | None = None,
-    nprobes: int = 20,
-    refine_factor: int | None = None,
+    nprobes: int = SEARCH_NPROBES,
+    refine_factor: int | None = SEARCH_REFINE_FACTOR,
     columns: Sequence[str] = ("caption", "url", "similarity"),
     column: str = "img_emb",
     storage_options: Mapping[str, str] | None = None,
@@ -112,8 +113,10 @@ def search(
         where: SQL filter applied before the vector search, in the one filter
             language of every command (:mod:`laion_ray.filters`): ``"NSFW"`` and
             `` `NSFW` `` name a column, ``'text'`` is a string.
-        nprobes: IVF partitions probed.
-        refine_factor: Re-rank ``k * refine_factor`` candidates exactly.
+        nprobes: IVF partitions probed; default the dataset card's query's (16),
+            the setting ``reindex`` gates at.
+        refine_factor: Re-rank ``k * refine_factor`` candidates exactly; default
+            the card's 30; ``None`` for no re-ranking.
         columns: Columns returned with each hit (plus ``_distance``).
         column: Vector column.
         storage_options: Object-store options for Lance.
