@@ -374,3 +374,33 @@ def test_the_plot_marks_the_gate_point():
     assert list(gate.get_xdata()) == [judged.p50_ms] and list(gate.get_ydata()) == [judged.recall]
     assert "--min-recall 0.7" in labels
     assert rc.gate_grid(16, 30) == ((5, 10, 16, 20, 50), (None, 10, 30))
+
+
+def test_search_uses_the_gates_settings_by_default(indexed, monkeypatch):
+    import inspect
+
+    from laion_ray.cli import build_parser
+
+    defaults = inspect.signature(search).parameters
+    assert (defaults["nprobes"].default, defaults["refine_factor"].default) == (16, 30)
+    assert (rc.SEARCH_NPROBES, rc.SEARCH_REFINE_FACTOR) == (16, 30)  # the card's query
+    args = build_parser().parse_args(["search", str(indexed), "--row", "1"])
+    assert (args.nprobes, args.refine_factor) == (16, 30)
+    gate = build_parser().parse_args(["reindex", str(indexed)])
+    assert (gate.gate_nprobes, gate.gate_refine_factor) == (16, 30)
+
+    seen = []
+    real = lance.LanceDataset.to_table
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("nearest"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(lance.LanceDataset, "to_table", spy)
+    from laion_ray.cli import main
+
+    assert main(["search", str(indexed), "--row", "1", "--k", "3"]) == 0
+    assert main(["search", str(indexed), "--row", "1", "--k", "3", "--refine-factor", "0"]) == 0
+    queries = [n for n in seen if n]
+    assert (queries[0]["nprobes"], queries[0]["refine_factor"]) == (16, 30)
+    assert "refine_factor" not in queries[1]
