@@ -71,7 +71,9 @@ def resolve_stages(
     return stages
 
 
-def _check_inputs(ds: lance.LanceDataset, stages: Sequence[UDF], where: str | None) -> None:
+def _check_inputs(
+    ds: lance.LanceDataset, stages: Sequence[UDF], where: str | None, given_where: str | None
+) -> None:
     # Each column as a stage will get it: from the dataset, or from an earlier
     # stage of this run (tagged with that stage's key, as if it were stored).
     fields = {f.name: f for f in ds.schema}
@@ -85,7 +87,7 @@ def _check_inputs(ds: lance.LanceDataset, stages: Sequence[UDF], where: str | No
             stage.validate(pa.schema([fields[col] for col in stage.inputs]))
         for field in stage.output_schema:
             fields[field.name] = field.with_metadata({UDF_METADATA: stage.key.encode()})
-    check_filter(ds, where)
+    check_filter(ds, where, given=given_where)
 
 
 def _output_schema(stages: Sequence[UDF]) -> pa.Schema:
@@ -287,12 +289,12 @@ def backfill(
     """
     if not udfs:
         raise LaionRayError("give at least one --udf")
-    where = to_lance_sql(where)  # the engine (plan, checkpoint, reads) gets Lance SQL
+    given_where, where = where, to_lance_sql(where)  # the engine gets Lance SQL
     stages = resolve_stages(udfs, batch_size=batch_size, concurrency=concurrency, params=udf_params)
     overrides = Overrides(gpus, max_actors, device, decode_cpus).validate()
     pipeline = _StagePipeline(stages, overrides, canary=not retry_errors)
     ds = open_dataset(uri, storage_options=storage_options)
-    _check_inputs(ds, stages, where)
+    _check_inputs(ds, stages, where, given_where)
     read_columns = dataset_inputs(stages)
     if KEY in ds.schema.names and KEY not in read_columns:
         read_columns.append(KEY)  # error records name rows by key

@@ -514,7 +514,7 @@ def _errors(args: argparse.Namespace) -> None:
         storage_options=_storage(args),
     )
     if where:
-        table = filter_table(table, where).slice(0, args.limit)
+        table = filter_table(table, where, given=args.where).slice(0, args.limit)
     rows = table.to_pylist()
     if args.json:
         _print_json(rows)

@@ -144,7 +144,7 @@ def sql_and(*clauses: str | None) -> str | None:
     return " AND ".join(given) or None
 
 
-def check_filter(ds, where: str | None, *, flag: str = "--where") -> None:
+def check_filter(ds, where: str | None, *, flag: str = "--where", given: str | None = None) -> None:
     """Raise a one-line ``LaionRayError`` if Lance cannot plan ``where`` on ``ds``.
 
     Planning resolves column names and literal types without reading any rows,
@@ -154,16 +154,19 @@ def check_filter(ds, where: str | None, *, flag: str = "--where") -> None:
         ds: A ``lance.LanceDataset``.
         where: Lance SQL (see :func:`to_lance_sql`), or ``None``.
         flag: How the user gave the filter, for the message.
+        given: The filter as the user wrote it, for the message (default ``where``).
     """
     if not where:
         return
     try:
         ds.scanner(filter=where, columns=[], with_row_id=True).explain_plan()
     except Exception as exc:  # Lance raises several types for a bad expression
-        raise LaionRayError(f"bad {flag} {where!r}: {brief(exc)}") from exc
+        raise LaionRayError(f"bad {flag} {given or where!r}: {brief(exc)}") from exc
 
 
-def filter_table(table: pa.Table, where: str | None, *, flag: str = "--where") -> pa.Table:
+def filter_table(
+    table: pa.Table, where: str | None, *, flag: str = "--where", given: str | None = None
+) -> pa.Table:
     """The rows of an in-memory ``table`` that pass Lance SQL ``where``.
 
     Evaluated by Lance itself, over a scratch dataset of ``table``, so that the
@@ -179,5 +182,5 @@ def filter_table(table: pa.Table, where: str | None, *, flag: str = "--where") -
 
     with tempfile.TemporaryDirectory(prefix="laion-ray-filter-") as tmp:
         ds = lance.write_dataset(table, f"{tmp}/rows.lance")
-        check_filter(ds, where, flag=flag)
+        check_filter(ds, where, flag=flag, given=given)
         return ds.to_table(filter=where)

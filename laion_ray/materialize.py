@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from laion_ray.errors import LaionRayError
-from laion_ray.filters import to_lance_sql
+from laion_ray.filters import check_filter, to_lance_sql
 from laion_ray.storage import (
     filesystem,
     is_local,
@@ -171,6 +171,7 @@ def materialize(
                 f"unknown column(s) {', '.join(unknown)} in {src}; available: {', '.join(names)}"
             )
     lance_filter = to_lance_sql(where)
+    check_filter(ds, lance_filter, given=where)
 
     try:
         reader = ds.scanner(

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from laion_ray.errors import LaionRayError
-from laion_ray.filters import to_lance_sql
+from laion_ray.filters import check_filter, to_lance_sql
 from laion_ray.ivf import vector_dim
 from laion_ray.recall import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 from laion_ray.storage import open_dataset
@@ -142,6 +142,7 @@ def search(
     if refine_factor is not None:
         nearest["refine_factor"] = refine_factor
     lance_where = to_lance_sql(where)
+    check_filter(ds, lance_where, given=where)
     try:
         table = ds.to_table(
             nearest=nearest,

@@ -153,6 +153,26 @@ def test_every_command_reads_the_same_filter_alike(quoted, tmp_path, where):
     assert {h["key"] for h in hits} == expected
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["backfill", "{uri}", "--udf", "aspect-ratio", "--executor", "local"],
+        ["search", "{uri}", "--row", "0"],
+        ["materialize", "{uri}", "{dest}"],
+        ["errors", "{uri}"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_a_bad_filter_is_the_same_one_line_everywhere(quoted, tmp_path, capsys, command):
+    uri, _ = quoted
+    argv = [a.format(uri=uri, dest=str(tmp_path / "d.lance")) for a in command]
+    assert main([*argv, "--where", '"nope" = 1']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # The filter as the user wrote it, and Lance's reason.
+    assert len(err) == 1 and err[0].startswith("laion-ray: error: bad --where '\"nope\" = 1': ")
+    assert "nope" in err[0].split(": ", 2)[2]
+
+
 def test_backfill_cli_where_in_the_cards_quoting(quoted, capsys):
     uri, expected = quoted
     argv = ["backfill", uri, "--udf", "aspect-ratio", "--executor", "local"]

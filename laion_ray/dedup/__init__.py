@@ -300,8 +300,8 @@ def dedup(
 
     ds = open_dataset(uri, storage_options=storage_options)
     _validate(ds, column, threshold, keep, exact, partitions, max_partition_rows)
-    where = to_lance_sql(where)
-    check_filter(ds, where)
+    given_where, where = where, to_lance_sql(where)
+    check_filter(ds, where, given=given_where)
     if not isinstance(sample_rate, int) or sample_rate < 2:
         raise LaionRayError(f"--sample-rate must be an integer >= 2, got {sample_rate!r}")
     settings = {"column": column, "threshold": threshold, "keep": keep, "exact": exact}
