@@ -552,13 +552,13 @@ def _history(args: argparse.Namespace) -> None:
 
 
 def _reindex_flags(p: argparse.ArgumentParser) -> None:
+    from laion_ray.recall import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
+
     p.add_argument("--column", default="img_emb", help="vector column (default img_emb)")
     p.add_argument("--partitions", type=int, help="IVF partitions (default: about sqrt(rows))")
     p.add_argument("--sub-vectors", type=int, help="PQ sub-vectors, must divide the dimension")
     p.add_argument("--metric", default="l2", choices=["l2", "cosine", "dot"])
     p.add_argument("--sample-rate", type=int, default=256, help="training rows per centroid")
-    from laion_ray.recall import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
-
     p.add_argument(
         "--min-recall",
         type=float,
@@ -594,7 +594,6 @@ def _reindex_flags(p: argparse.ArgumentParser) -> None:
     "reindex",
     help="rebuild the IVF_PQ index on Ray, report recall, swap it in atomically",
     example="laion-ray reindex ./laion.lance --column img_emb --min-recall 0.9 --plot r.png",
-    # The gate: recall@10 at --gate-nprobes/--gate-refine-factor (the card's query).
 )
 def _reindex_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("uri")
@@ -635,6 +634,8 @@ def _reindex(args: argparse.Namespace) -> int:
     example="laion-ray search ./laion.lance --row 42 --k 10 --where '\"NSFW\" = 0'",
 )
 def _search_args(p: argparse.ArgumentParser) -> None:
+    from laion_ray.recall import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
+
     p.add_argument("uri")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--row", type=int, help="use this row's vector as the query")
@@ -646,8 +647,6 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--where", help=f"SQL prefilter ({WHERE_SYNTAX}), e.g. '\"NSFW\" = 0 AND similarity > 0.3'"
     )
-    from laion_ray.recall import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
-
     p.add_argument(
         "--nprobes",
         type=int,
