@@ -20,11 +20,16 @@ def run_command(command: str, argv: Sequence[str] | None, *fixed: str) -> int:
 
 
 def udf_params(udf: str, values: dict[str, object]) -> list[str]:
-    """``--param UDF.KEY=VALUE`` flags for the values that were given."""
-    import json
+    """``--param UDF.KEY=VALUE`` flags for the typed values that were given (not None).
+
+    Each value is written so that the UDF's declared type reads it back as it
+    is (``format_param``): a label ``"123"`` stays the string ``"123"``, a
+    threshold ``1.0`` the float ``1.0``, ``False`` the bool ``False``.
+    """
+    from laion_ray.udf import format_param
 
     return [
-        f"--param={udf}.{key}={json.dumps(value) if not isinstance(value, str) else value}"
+        f"--param={udf}.{key}={format_param(value)}"
         for key, value in values.items()
-        if value is not None and value is not False
+        if value is not None
     ]

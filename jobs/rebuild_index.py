@@ -2,7 +2,9 @@
 
 Takes the flags of ``laion-ray reindex`` and runs one ``reindex(uri, ...)``.
 Exits 0 when the new index was swapped in, 1 when the recall gate kept the
-old one (or on an unexpected error), 2 on bad input.
+old one (or on an unexpected error), 2 on bad input. The gate judges
+recall@10 at ``--gate-nprobes``/``--gate-refine-factor`` (default 16/30, the
+dataset card's query and ``laion-ray search``'s defaults).
 
 Example:
     ray job submit --address http://127.0.0.1:8265 --working-dir . \\

@@ -19,8 +19,7 @@ from laion_ray.cluster import (
     Overrides,
     Plan,
     cluster_capacity,
-    describe_plan,
-    format_stages,
+    format_plan,
     placement_report,
     plan_stages,
     shares_actor,
@@ -36,9 +35,10 @@ from laion_ray.engine.plan import (
     error_column,
 )
 from laion_ray.engine.run import COMMIT_EVERY_S, KEY, Job, JobReport, run_job
-from laion_ray.errors import LaionRayError, brief
+from laion_ray.errors import LaionRayError
+from laion_ray.filters import check_filter, to_lance_sql
 from laion_ray.storage import open_dataset
-from laion_ray.udf import UDF, resolve
+from laion_ray.udf import UDF, check_params, resolve
 
 BackfillReport = JobReport
 log = logging.getLogger(__name__)
@@ -51,7 +51,12 @@ def resolve_stages(
     concurrency: int | None = None,
     params: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[UDF]:
-    """Expand UDF names into stages; equal stages (e.g. one image decode) run once."""
+    """Expand UDF names into stages; equal stages (e.g. one image decode) run once.
+
+    Raises:
+        LaionRayError: ``params`` name a parameter that its UDF does not declare.
+    """
+    check_params(udfs, params or {})
     stages: list[UDF] = []
     for spec in udfs:
         name = spec if isinstance(spec, str) else spec.name
@@ -73,7 +78,9 @@ def resolve_stages(
     return stages
 
 
-def _check_inputs(ds: lance.LanceDataset, stages: Sequence[UDF], where: str | None) -> None:
+def _check_inputs(
+    ds: lance.LanceDataset, stages: Sequence[UDF], where: str | None, given_where: str | None
+) -> None:
     # Each column as a stage will get it: from the dataset, or from an earlier
     # stage of this run (tagged with that stage's key, as if it were stored).
     fields = {f.name: f for f in ds.schema}
@@ -87,11 +94,7 @@ def _check_inputs(ds: lance.LanceDataset, stages: Sequence[UDF], where: str | No
             stage.validate(pa.schema([fields[col] for col in stage.inputs]))
         for field in stage.output_schema:
             fields[field.name] = field.with_metadata({UDF_METADATA: stage.key.encode()})
-    if where:
-        try:
-            ds.scanner(filter=where, columns=[], with_row_id=True, limit=1).to_table()
-        except Exception as exc:  # Lance raises several types for a bad expression
-            raise LaionRayError(f"bad --where {where!r}: {brief(exc)}") from exc
+    check_filter(ds, where, given=given_where)
 
 
 def _output_schema(stages: Sequence[UDF]) -> pa.Schema:
@@ -147,11 +150,7 @@ class _StagePipeline:
         self.plan = plan_stages(self.stages, cluster_capacity(), self.overrides)
         if self.placement is None:  # one log for every wave of the job
             self.placement, self._placement_actor = start_placement_log()
-        log.info(
-            "resource plan on %s: %s",
-            self.plan.capacity.to_dict(),
-            "; ".join(line.strip() for line in format_stages(describe_plan(self.plan))),
-        )
+        log.info("%s", format_plan(self.plan))
         if self.plan.cpu_limit is not None:
             options = data.context.execution_options
             options.resource_limits = options.resource_limits.copy(cpu=self.plan.cpu_limit)
@@ -262,6 +261,8 @@ def backfill(
         uri: Lance dataset (local path or object-store URI).
         udfs: Registry names (``aspect-ratio``), ``package.module:Name`` or UDFs.
         where: SQL filter; other rows keep their value (null for new columns).
+            The one filter language of every command (:mod:`laion_ray.filters`):
+            ``"NSFW" = 0`` and `` `NSFW` = 0 `` both name the column.
         overwrite: Replace existing columns in place (e.g. ``img_emb``).
         retry_errors: Also recompute rows recorded as failed earlier.
         max_error_fraction: Stop, committing nothing more, above this failure rate.
@@ -295,11 +296,12 @@ def backfill(
     """
     if not udfs:
         raise LaionRayError("give at least one --udf")
+    given_where, where = where, to_lance_sql(where)  # the engine gets Lance SQL
     stages = resolve_stages(udfs, batch_size=batch_size, concurrency=concurrency, params=udf_params)
     overrides = Overrides(gpus, max_actors, device, decode_cpus).validate()
     pipeline = _StagePipeline(stages, overrides, canary=not retry_errors)
     ds = open_dataset(uri, storage_options=storage_options)
-    _check_inputs(ds, stages, where)
+    _check_inputs(ds, stages, where, given_where)
     read_columns = dataset_inputs(stages)
     if KEY in ds.schema.names and KEY not in read_columns:
         read_columns.append(KEY)  # error records name rows by key

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from laion_ray.errors import JobFailed, LaionRayError, SystemicError, brief
 
 Handler = Callable[[argparse.Namespace], int | None]
+# Every --where speaks the same SQL (laion_ray.filters); its help says so once.
+WHERE_SYNTAX = "\"Col\" and `Col` name a column, 'text' is a string"
 _COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], Handler]] = []
 
 
@@ -277,6 +279,11 @@ def _dedup_args(p: argparse.ArgumentParser) -> None:
         help=f"kept row of a group: {', '.join(KEEP_RULES)} or a numeric column (highest)",
     )
     p.add_argument("--exact", action="store_true", help="also group identical md5 images")
+    p.add_argument(
+        "--where",
+        help=f"SQL filter ({WHERE_SYNTAX}): only these rows are grouped, the others "
+        "keep their values",
+    )
     p.add_argument("--overwrite", action="store_true", help="regroup every row")
     p.add_argument("--partitions", type=int, help="k-means partitions (default rows/2048)")
     p.add_argument(
@@ -307,6 +314,7 @@ def _dedup(args: argparse.Namespace) -> None:
         threshold=args.threshold,
         keep=args.keep,
         exact=args.exact,
+        where=args.where,
         overwrite=args.overwrite,
         partitions=args.partitions,
         max_partition_rows=args.max_partition_rows,
@@ -331,7 +339,14 @@ def _dedup(args: argparse.Namespace) -> None:
     example="laion-ray demo --dir ./laion-ray-demo --rows 1000",
 )
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dir", default="./laion-ray-demo", help="working directory (recreated)")
+    p.add_argument(
+        "--dir",
+        default="./laion-ray-demo",
+        help="working directory, recreated; a non-empty one the demo did not make is refused",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="delete --dir even if the demo did not make it"
+    )
     p.add_argument("--rows", type=int, default=1000)
     _ray_flags(p)
 
@@ -342,25 +357,34 @@ def _demo(args: argparse.Namespace) -> None:
 
     if args.rows < 600:
         raise LaionRayError(f"--rows must be at least 600 to train the index, got {args.rows}")
-    run_demo(args.dir, rows=args.rows, address=args.address)
+    run_demo(args.dir, rows=args.rows, address=args.address, force=args.force)
 
 
 # --- backfill / errors / history --------------------------------------------
 
 
-def _parse_params(pairs: list[str]) -> dict[str, dict[str, object]]:
-    params: dict[str, dict[str, object]] = {}
+def _parse_params(pairs: list[str], udfs: Sequence[str]) -> dict[str, dict[str, object]]:
+    """``--param UDF.KEY=VALUE`` flags, each value converted by the type its UDF declares.
+
+    Strict: a malformed flag, a repeated key, a UDF not in ``udfs``, a name the
+    UDF does not declare or a value that does not convert is bad input.
+    """
+    from laion_ray.udf import typed_params
+
+    raw: dict[str, dict[str, str]] = {}
     for pair in pairs:
         target, sep, value = pair.partition("=")
         udf_name, dot, key = target.rpartition(".")
         if not sep or not dot or not udf_name or not key:
             raise LaionRayError(f"--param expects UDF.KEY=VALUE, got {pair!r}")
-        try:
-            parsed: object = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        params.setdefault(udf_name, {})[key] = parsed
-    return params
+        given = raw.setdefault(udf_name, {})
+        if key in given:
+            raise LaionRayError(
+                f"--param {udf_name}.{key} is given twice ({given[key]!r}, then {value!r}); "
+                "give it once"
+            )
+        given[key] = value
+    return typed_params(udfs, raw)
 
 
 @command(
@@ -384,9 +408,13 @@ def _backfill_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="UDF.KEY=VALUE",
-        help="UDF parameter, e.g. moderation-rules.nsfw_threshold=0.8 (JSON values)",
+        help="UDF parameter, e.g. moderation-rules.nsfw_threshold=0.8; the value is read as "
+        "the type the UDF declares (bools: true/false, None: null, lists: JSON)",
     )
-    p.add_argument("--where", help="SQL filter; other rows keep their value (null when new)")
+    p.add_argument(
+        "--where",
+        help=f"SQL filter ({WHERE_SYNTAX}); other rows keep their value (null when new)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing columns in place")
     p.add_argument("--retry-errors", action="store_true", help="recompute rows that failed before")
     p.add_argument("--max-error-fraction", type=float, default=0.01)
@@ -415,7 +443,7 @@ def _backfill(args: argparse.Namespace) -> None:
     report = backfill(
         args.uri,
         udfs=args.udf,
-        udf_params=_parse_params(args.param),
+        udf_params=_parse_params(args.param, args.udf),
         where=args.where,
         overwrite=args.overwrite,
         retry_errors=args.retry_errors,
@@ -458,6 +486,11 @@ def _udfs(args: argparse.Namespace) -> None:
 def _errors_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("uri")
     p.add_argument("--udf", help="only this UDF stage")
+    p.add_argument(
+        "--where",
+        help=f"SQL filter ({WHERE_SYNTAX}) over the error records: key, fragment_id, "
+        "row_offset, udf, error_type, message, job, created_at, committed",
+    )
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.add_argument("--checkpoint-uri")
@@ -474,6 +507,7 @@ def _errors(args: argparse.Namespace) -> None:
         args.uri,
         checkpoint_uri=args.checkpoint_uri,
         udf=args.udf,
+        where=args.where,
         limit=args.limit,
         storage_options=_storage(args),
     )
@@ -514,12 +548,32 @@ def _history(args: argparse.Namespace) -> None:
 
 
 def _reindex_flags(p: argparse.ArgumentParser) -> None:
+    from laion_ray.recall import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
+
     p.add_argument("--column", default="img_emb", help="vector column (default img_emb)")
     p.add_argument("--partitions", type=int, help="IVF partitions (default: about sqrt(rows))")
     p.add_argument("--sub-vectors", type=int, help="PQ sub-vectors, must divide the dimension")
     p.add_argument("--metric", default="l2", choices=["l2", "cosine", "dot"])
     p.add_argument("--sample-rate", type=int, default=256, help="training rows per centroid")
-    p.add_argument("--min-recall", type=float, help="keep the old index if recall@10 is lower")
+    p.add_argument(
+        "--min-recall",
+        type=float,
+        help="keep the old index if recall@10 at the gate's search settings is lower",
+    )
+    p.add_argument(
+        "--gate-nprobes",
+        type=int,
+        default=SEARCH_NPROBES,
+        help=f"nprobes the gate measures recall at (default {SEARCH_NPROBES}, the card's "
+        "query and `laion-ray search`'s)",
+    )
+    p.add_argument(
+        "--gate-refine-factor",
+        type=int,
+        default=SEARCH_REFINE_FACTOR,
+        help=f"refine_factor the gate measures recall at (default {SEARCH_REFINE_FACTOR}, "
+        "as `laion-ray search`; 0: no refine)",
+    )
     p.add_argument("--tag", help="tag the committed version")
     p.add_argument(
         "--workers",
@@ -558,6 +612,8 @@ def _reindex(args: argparse.Namespace) -> int:
         metric=args.metric,
         sample_rate=args.sample_rate,
         min_recall=args.min_recall,
+        gate_nprobes=args.gate_nprobes,
+        gate_refine_factor=args.gate_refine_factor or None,
         tag=args.tag,
         num_workers=args.num_workers,
         storage_options=_storage(args),
@@ -574,6 +630,8 @@ def _reindex(args: argparse.Namespace) -> int:
     example="laion-ray search ./laion.lance --row 42 --k 10 --where '\"NSFW\" = 0'",
 )
 def _search_args(p: argparse.ArgumentParser) -> None:
+    from laion_ray.recall import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
+
     p.add_argument("uri")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--row", type=int, help="use this row's vector as the query")
@@ -582,9 +640,22 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="CLIP model NAME[:PRETRAINED or checkpoint path]")
     p.add_argument("--column", default="img_emb")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--where", help="SQL prefilter, e.g. '\"NSFW\" = 0 AND similarity > 0.3'")
-    p.add_argument("--nprobes", type=int, default=20)
-    p.add_argument("--refine-factor", type=int)
+    p.add_argument(
+        "--where", help=f"SQL prefilter ({WHERE_SYNTAX}), e.g. '\"NSFW\" = 0 AND similarity > 0.3'"
+    )
+    p.add_argument(
+        "--nprobes",
+        type=int,
+        default=SEARCH_NPROBES,
+        help=f"IVF partitions probed (default {SEARCH_NPROBES}, as the card's query)",
+    )
+    p.add_argument(
+        "--refine-factor",
+        type=int,
+        default=SEARCH_REFINE_FACTOR,
+        help=f"re-rank k x this candidates exactly (default {SEARCH_REFINE_FACTOR}, as the "
+        "card's query; 0: no refine)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _storage_flags(p)
 
@@ -602,7 +673,7 @@ def _search(args: argparse.Namespace) -> None:
         k=args.k,
         where=args.where,
         nprobes=args.nprobes,
-        refine_factor=args.refine_factor,
+        refine_factor=args.refine_factor or None,
         column=args.column,
         storage_options=_storage(args),
     )
@@ -629,7 +700,7 @@ def _materialize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest", help="dataset URI to create (must not exist)")
     p.add_argument(
         "--where",
-        help='SQL filter; "Col" (LanceDB quoting) and `Col` both name a column',
+        help=f"SQL filter ({WHERE_SYNTAX})",
     )
     p.add_argument("--columns", help="comma-separated columns to keep (default: all)")
     p.add_argument("--limit", type=int, help="keep at most N matching rows")

@@ -545,3 +545,38 @@ def format_stages(stages: Sequence[Mapping[str, Any]]) -> list[str]:
             line = f"  {s['stage']}: tasks, {ask} each{budget}, {where}".rstrip(", ")
         lines.append(line.rstrip())
     return lines
+
+
+def _amount(value: float, unit: str) -> str:
+    """``2 CPUs``, ``1 CPU``, ``0.25 CPU``, ``0 GPUs``."""
+    return f"{value:g} {unit}" + ("s" if value == 0 or value > 1 else "")
+
+
+def format_plan(plan: Plan) -> str:
+    """The resource plan as one line of prose, for the log (``--report`` keeps the dicts).
+
+    Example: ``cluster: 2 CPUs, 0 GPUs, 1 node · clip-preprocess: tasks of 0.25 CPU,
+    2 CPUs in all · clip-embed: 1 actor of 1 CPU``.
+    """
+    cap = plan.capacity
+    cpus_now = cap.cpus if cap.cpus_now is None else cap.cpus_now
+    gpus_now = cap.gpus if cap.gpus_now is None else cap.gpus_now
+    head = (
+        f"cluster: {_amount(cpus_now, 'CPU')}, {_amount(gpus_now, 'GPU')}, "
+        f"{_amount(cap.nodes, 'node')}"
+    )
+    if (cap.cpus, cap.gpus) != (cpus_now, gpus_now):
+        head += f" (autoscales to {_amount(cap.cpus, 'CPU')}, {_amount(cap.gpus, 'GPU')})"
+    parts = [head]
+    for s in describe_plan(plan):
+        ask = _amount(s["num_cpus"], "CPU") + (
+            f" + {_amount(s['num_gpus'], 'GPU')}" if s["num_gpus"] else ""
+        )
+        if s["kind"] == "actors":
+            low, high = s["pool"]
+            count = f"{low}" if low == high else f"{low}..{high}"
+            parts.append(f"{s['stage']}: {count} actor{'s' if high > 1 else ''} of {ask}")
+        else:
+            budget = f", {_amount(s['cpu_budget'], 'CPU')} in all" if "cpu_budget" in s else ""
+            parts.append(f"{s['stage']}: tasks of {ask}{budget}")
+    return " · ".join(parts)

@@ -2,6 +2,10 @@
 
 The CLIP model is randomly initialised (no weights can be fetched offline),
 and the demo says so: its embeddings exercise the pipeline, not semantics.
+
+The demo recreates its working directory on every run, so it marks the
+directories it makes (:data:`MARKER`) and deletes nothing else: a non-empty
+directory without the marker is refused unless ``force`` is given.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
+
+#: The file that says a directory is the demo's own, to delete and recreate.
+MARKER = ".laion-ray-demo"
 
 # A tiny CLIP in open_clip's config format (ViT and text transformer of 4 layers
 # x 128 wide, 128 px input in 16 patches). Even ViT-S-32 costs ~2 TFLOP per 1000
@@ -62,6 +69,35 @@ def write_demo_model(directory: str) -> str:
     return f"local-dir:{path}"
 
 
+def prepare_directory(directory: str, *, force: bool = False) -> None:
+    """Make ``directory`` an empty demo directory, holding only :data:`MARKER`.
+
+    A missing or empty directory, or one an earlier demo made (its marker is
+    there), is (re)created. Anything else holds someone's files: refused,
+    unless ``force``.
+
+    Raises:
+        LaionRayError: ``directory`` is not a directory, or is a non-empty one
+            without the marker and ``force`` is not set.
+    """
+    from laion_ray.errors import LaionRayError
+
+    if os.path.lexists(directory):
+        if os.path.islink(directory) or not os.path.isdir(directory):
+            raise LaionRayError(f"--dir {directory} exists and is not a directory")
+        entries = os.listdir(directory)
+        if entries and MARKER not in entries and not force:
+            raise LaionRayError(
+                f"--dir {directory} is not empty and was not made by laion-ray demo (no "
+                f"{MARKER} file in it); choose another --dir, or pass --force to delete "
+                f"its {len(entries)} entries"
+            )
+        shutil.rmtree(directory)
+    os.makedirs(directory)
+    with open(os.path.join(directory, MARKER), "w") as f:
+        f.write("made by `laion-ray demo`, which deletes and recreates this directory\n")
+
+
 def _step(
     lines: list[str], title: str, fn: Callable[[], str], started: float | None = None
 ) -> None:
@@ -72,7 +108,11 @@ def _step(
 
 
 def run_demo(
-    directory: str = "./laion-ray-demo", *, rows: int = 1000, address: str | None = None
+    directory: str = "./laion-ray-demo",
+    *,
+    rows: int = 1000,
+    address: str | None = None,
+    force: bool = False,
 ) -> list[str]:
     """Generate a sample and run rules, embedding heads, a merge, a re-embed
     with zero-shot labels and CLIP score, dedup, an index rebuild and a search.
@@ -80,6 +120,9 @@ def run_demo(
     Ray starts while the sample is written, for the model actors, dedup and
     the index; the re-embed runs in the background alongside the other steps.
     Cheap function UDFs and a small merge run in this process.
+
+    ``directory`` is recreated (see :func:`prepare_directory`): one that the
+    demo did not make is refused unless ``force``.
 
     Returns the printed account, one line per step.
     """
@@ -92,9 +135,7 @@ def run_demo(
     from laion_ray.search import format_hits, search
 
     uri = os.path.join(directory, "laion.lance")
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
-    os.makedirs(directory)
+    prepare_directory(directory, force=force)
     where = f"Ray at {address}" if address else "local Ray"
     lines = [f"laion-ray demo in {directory} ({rows} rows, {where})"]
     print(lines[0], flush=True)

@@ -6,7 +6,10 @@ codebook), a few hundred query vectors and ``Index`` metadata.
 
 The new index is built under the *same name* as the one it replaces and is
 first committed as a detached version: recall is measured there while readers
-of the main history keep using the old index. Only if the gate passes is one
+of the main history keep using the old index. The gate judges recall@10 at
+stated search settings (``gate_nprobes``, ``gate_refine_factor``: by default
+the dataset card's query, ``nprobes=16, refine_factor=30``, which ``laion-ray
+search`` uses too), so it judges what users will run. Only if it passes is one
 ``CreateIndex`` (new segment in, old segments out) committed, so the swap is a
 single atomic manifest change. It goes through the engine's one commit path
 (:func:`laion_ray.engine.commit.commit`): derived at the newest version, with
@@ -17,18 +20,25 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pyarrow as pa
 
 from laion_ray import recall as rc
 from laion_ray.engine.commit import NotRebaseable, column_files, commit, field_ids, tag_version
 from laion_ray.errors import LaionRayError
-from laion_ray.storage import join_uri, open_dataset, remove_tree, resolve_storage_options
+from laion_ray.ivf import balanced_groups, sample_vectors, train_ivf, vector_dim
+from laion_ray.storage import (
+    is_local,
+    join_uri,
+    open_dataset,
+    remove_tree,
+    resolve_storage_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,8 @@ class ReindexReport:
     new_index_uuid: str = ""
     recall_at_10: float = 0.0
     min_recall: float | None = None
+    gate_nprobes: int = rc.SEARCH_NPROBES
+    gate_refine_factor: int | None = rc.SEARCH_REFINE_FACTOR
     grid: list[dict] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     tag: str | None = None
@@ -76,43 +88,19 @@ class ReindexReport:
             f"{self.segments} segments merged"
         )
         points = [rc.RecallPoint(**p) for p in self.grid]
-        outcome = (
-            f"swapped in index {self.index_name!r} at version {self.committed_version}"
-            if self.swapped
-            else f"NOT swapped: recall@10 {self.recall_at_10:.3f} < --min-recall "
-            f"{self.min_recall}; the old index stays"
-        )
+        gate = (self.gate_nprobes, self.gate_refine_factor)
+        judged = f"recall@10 {self.recall_at_10:.3f} at the gate ({rc.setting(*gate)})"
+        if self.swapped:
+            bar = "" if self.min_recall is None else f" >= --min-recall {self.min_recall}"
+            outcome = (
+                f"swapped in index {self.index_name!r} at version {self.committed_version}: "
+                f"{judged}{bar}"
+            )
+        else:
+            outcome = f"NOT swapped: {judged} < --min-recall {self.min_recall}; the old index stays"
         times = " ".join(f"{k}={v:.1f}s" for k, v in self.timings_s.items())
-        return "\n".join([head, rc.format_table(points), outcome, f"timings: {times}"])
-
-
-def batch_vectors(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """``(float32 [n, dim] matrix, valid mask)`` of a fixed-size-list array chunk.
-
-    Null and NaN vectors are marked invalid rather than dropped so that row
-    positions stay aligned with the fragment's offsets.
-    """
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    dim = arr.type.list_size
-    flat = arr.values.slice(arr.offset * dim, len(arr) * dim)
-    vecs = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
-    valid = ~np.isnan(vecs).any(axis=1)
-    if arr.null_count:
-        valid &= arr.is_valid().to_numpy(zero_copy_only=False)
-    return vecs, valid
-
-
-def vector_dim(ds, column: str) -> int:
-    """Dimension of a fixed-size float-list column, or a ``LaionRayError`` naming it."""
-    if column not in ds.schema.names:
-        raise LaionRayError(f"no column {column!r} in {ds.uri} (columns: {ds.schema.names})")
-    t = ds.schema.field(column).type
-    if not (pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type)):
-        raise LaionRayError(
-            f"column {column!r} is {t}, not a vector column (fixed_size_list<float, dim>)"
-        )
-    return t.list_size
+        table = rc.format_table(points, gate=gate)
+        return "\n".join([head, table, outcome, f"timings: {times}"])
 
 
 def default_sub_vectors(dim: int) -> int:
@@ -120,51 +108,6 @@ def default_sub_vectors(dim: int) -> int:
     if dim % 16 == 0:
         return dim // 16
     return max(d for d in range(1, dim + 1) if dim % d == 0 and dim // d >= min(8, dim))
-
-
-def _groups(fragments: Sequence[tuple[int, int]], n: int) -> list[list[int]]:
-    """Split ``(fragment_id, rows)`` into ``n`` groups of similar row counts."""
-    groups: list[list[int]] = [[] for _ in range(max(1, min(n, len(fragments))))]
-    loads = [0] * len(groups)
-    for fid, rows in sorted(fragments, key=lambda f: -f[1]):
-        i = loads.index(min(loads))
-        groups[i].append(fid)
-        loads[i] += rows
-    return [sorted(g) for g in groups if g]
-
-
-def _sample_task(uri, version, storage_options, column, picks, seed):
-    """Scan some fragments once: random training rows, query rows, NaN count.
-
-    ``picks`` maps fragment id -> (training quota, sorted query offsets). Query
-    rows are held out of training so recall is measured on unseen vectors.
-    """
-    import lance
-
-    ds = lance.dataset(uri, version=version, storage_options=dict(storage_options or {}))
-    train, queries, qids, nan_rows = [], [], [], 0
-    for fid, (quota, qoffsets) in picks.items():
-        frag = ds.get_fragment(fid)
-        n = frag.count_rows()
-        rng = np.random.default_rng(seed + fid)
-        candidates = np.setdiff1d(np.arange(n), qoffsets)
-        chosen = np.sort(rng.choice(candidates, size=min(quota, len(candidates)), replace=False))
-        start = 0
-        for batch in frag.scanner(columns=[column], with_row_id=True).to_batches():
-            vecs, valid = batch_vectors(batch.column(column))
-            nan_rows += int((~valid).sum())
-            end = start + len(vecs)
-            sel = chosen[(chosen >= start) & (chosen < end)] - start
-            train.append(vecs[sel][valid[sel]].copy())
-            qsel = qoffsets[(qoffsets >= start) & (qoffsets < end)] - start
-            qsel = qsel[valid[qsel]]
-            queries.append(vecs[qsel].copy())
-            qids.append(batch.column("_rowid").to_numpy()[qsel])
-            start = end
-    dim = ds.schema.field(column).type.list_size
-    cat = lambda xs, shape: np.concatenate(xs) if xs else np.empty(shape, np.float32)  # noqa: E731
-    sample = cat(train, (0, dim))
-    return sample, cat(queries, (0, dim)), cat(qids, (0,)), nan_rows, len(sample)
 
 
 def _train_task(sample_refs, partitions, sub_vectors, metric, sample_rate, use_gpu):
@@ -183,25 +126,6 @@ def _train_task(sample_refs, partitions, sub_vectors, metric, sample_rate, use_g
             ivf, sub_vectors, sample_rate=max(2, min(sample_rate, len(sample) // PQ_CODES))
         )
     return ivf.centroids, pq.codebook
-
-
-def train_ivf(sample: np.ndarray, partitions, metric, sample_rate, use_gpu, tmp: str):
-    """``(builder, IVF model)``: Lance's k-means over ``sample`` (``[n, dim]``), as
-    single-node ``create_index`` trains it; ``dedup`` partitions with it too."""
-    import lance
-    from lance.indices import IndicesBuilder
-
-    vec = pa.FixedSizeListArray.from_arrays(pa.array(sample.ravel()), sample.shape[1])
-    scratch = lance.write_dataset(pa.table({"v": vec}), f"{tmp}/sample.lance")
-    builder = IndicesBuilder(scratch, "v")
-    ivf = builder.train_ivf(
-        partitions,
-        distance_type=metric,
-        # Same row count as single-node create_index: partitions x sample_rate.
-        sample_rate=max(2, min(sample_rate, len(sample) // partitions)),
-        accelerator="cuda" if use_gpu else None,
-    )
-    return builder, ivf
 
 
 def _build_task(
@@ -258,7 +182,8 @@ def _swap_operation(latest, built_on, column: str, name: str, merged):
     return LanceOperation.CreateIndex(new_indices=[merged], removed_indices=removed)
 
 
-def _validate(partitions, sub_vectors, metric, sample_rate, min_recall, num_workers, tag):
+def _validate(partitions, sub_vectors, metric, sample_rate, min_recall, num_workers, tag,
+              gate_nprobes, gate_refine_factor):  # fmt: skip
     if metric not in METRICS:
         raise LaionRayError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     for flag, v in (("--partitions", partitions), ("--sub-vectors", sub_vectors),
@@ -269,6 +194,15 @@ def _validate(partitions, sub_vectors, metric, sample_rate, min_recall, num_work
         raise LaionRayError(f"--sample-rate must be an integer >= 2, got {sample_rate!r}")
     if min_recall is not None and not 0.0 <= min_recall <= 1.0:
         raise LaionRayError(f"--min-recall must be within [0, 1], got {min_recall!r}")
+    if not isinstance(gate_nprobes, int) or gate_nprobes < 1:
+        raise LaionRayError(f"--gate-nprobes must be a positive integer, got {gate_nprobes!r}")
+    if gate_refine_factor is not None and (
+        not isinstance(gate_refine_factor, int) or gate_refine_factor < 1
+    ):
+        raise LaionRayError(
+            f"--gate-refine-factor must be a positive integer (0 on the command line: no "
+            f"refine), got {gate_refine_factor!r}"
+        )
     if tag is not None and not str(tag).strip():
         raise LaionRayError(f"--tag must be a non-empty name, got {tag!r}")
 
@@ -282,6 +216,8 @@ def reindex(
     metric: str = "l2",
     sample_rate: int = 256,
     min_recall: float | None = None,
+    gate_nprobes: int = rc.SEARCH_NPROBES,
+    gate_refine_factor: int | None = rc.SEARCH_REFINE_FACTOR,
     tag: str | None = None,
     num_workers: int | None = None,
     storage_options: Mapping[str, str] | None = None,
@@ -297,8 +233,11 @@ def reindex(
         sub_vectors: PQ sub-vectors; must divide the dimension; default ``dim/16``.
         metric: ``l2``, ``cosine`` or ``dot``.
         sample_rate: Training rows per centroid, as in Lance's ``create_index``.
-        min_recall: If recall@10 at the default search settings is below this,
+        min_recall: If recall@10 at the gate's search settings is below this,
             the new index is not committed and the old one stays.
+        gate_nprobes, gate_refine_factor: The search settings the gate measures
+            recall@10 at (``None``: no refine). The defaults are the dataset
+            card's query and ``laion-ray search``'s: ``nprobes=16, refine_factor=30``.
         tag: Tag the committed version with this name.
         num_workers: Fragment groups built in parallel; default: the cluster's
             CPUs, autoscalable nodes included (:mod:`laion_ray.cluster`).
@@ -317,7 +256,12 @@ def reindex(
     from laion_ray.cluster import cluster_capacity
     from laion_ray.ray_env import ensure_ray
 
-    _validate(partitions, sub_vectors, metric, sample_rate, min_recall, num_workers, tag)
+    _validate(partitions, sub_vectors, metric, sample_rate, min_recall, num_workers, tag,
+              gate_nprobes, gate_refine_factor)  # fmt: skip
+    if is_local(uri) and "://" not in uri:
+        # Ray tasks open the URI in their own working directory, which is the
+        # raylet's (`ray start` somewhere else), not necessarily this one.
+        uri = os.path.abspath(uri)
     opts = resolve_storage_options(storage_options)
     ds = open_dataset(uri, storage_options=opts)
     dim = vector_dim(ds, column)
@@ -335,7 +279,7 @@ def reindex(
     ensure_ray()
     capacity = cluster_capacity()  # autoscalable nodes count: a 0-CPU head is not the cluster
     num_workers = capacity.worker_count(num_workers)
-    groups = _groups(frags, num_workers)
+    groups = balanced_groups(frags, num_workers)
     version, timings, t0 = ds.version, {}, time.perf_counter()
     old = [i for i in ds.describe_indices() if list(i.field_names) == [column]]
     name = old[0].name if old else f"{column}_idx"
@@ -351,7 +295,7 @@ def reindex(
         for (fid, r), s in zip(frags, starts[:-1], strict=True)
     }
     parts = [
-        remote(_sample_task)
+        remote(sample_vectors)
         .options(num_returns=5)
         .remote(uri, version, opts, column, {f: picks[f] for f in g}, 0)
         for g in groups
@@ -397,7 +341,9 @@ def reindex(
     op = LanceOperation.CreateIndex(new_indices=[merged], removed_indices=removed)
     staged = LanceDataset.commit(uri, Transaction(version, op), storage_options=opts, detached=True)
     truth = rc.exact_neighbours(uri, version, opts, column, groups, queries, qids, 10, metric)
-    points = rc.recall_grid(staged, column, queries, qids, truth, k=10)
+    nprobes_grid, refine_grid = rc.gate_grid(gate_nprobes, gate_refine_factor)
+    points = rc.recall_grid(staged, column, queries, qids, truth, k=10,
+                            nprobes_grid=nprobes_grid, refine_grid=refine_grid)  # fmt: skip
     timings["verify"] = time.perf_counter() - t0 - sum(timings.values())
 
     report = ReindexReport(
@@ -405,7 +351,8 @@ def reindex(
         sub_vectors=sub_vectors, rows=rows, nan_rows=nan_rows, sample_rows=sample_rows,
         segments=len(segs), num_workers=num_workers, read_version=version,
         replaced=[r.uuid for r in removed], new_index_uuid=merged.uuid,
-        recall_at_10=rc.default_recall(points), min_recall=min_recall,
+        recall_at_10=rc.recall_at(points, gate_nprobes, gate_refine_factor), min_recall=min_recall,
+        gate_nprobes=gate_nprobes, gate_refine_factor=gate_refine_factor,
         grid=rc.points_as_dicts(points), tag=tag,
     )  # fmt: skip
     if min_recall is None or report.recall_at_10 >= min_recall:
@@ -428,11 +375,15 @@ def reindex(
     else:
         # Only the throwaway detached version references the rejected index.
         remove_tree(join_uri(uri, "_indices", merged.uuid), opts)
-        log.warning("recall@10 %.3f < %s: old index kept", report.recall_at_10, min_recall)
+        log.warning(
+            "recall@10 %.3f at %s < %s: old index kept",
+            report.recall_at_10, rc.setting(gate_nprobes, gate_refine_factor), min_recall,
+        )  # fmt: skip
     timings["commit"] = time.perf_counter() - t0 - sum(timings.values())
     report.timings_s = {k: round(v, 3) for k, v in timings.items()}
     if report_path:
         rc.write_json(report_path, report.to_dict())
     if plot_path:
-        rc.write_plot(plot_path, points, title=f"{name} on {column}")
+        rc.write_plot(plot_path, points, title=f"{name} on {column}",
+                      gate=(gate_nprobes, gate_refine_factor), min_recall=min_recall)  # fmt: skip
     return report

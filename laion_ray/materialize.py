@@ -6,13 +6,9 @@ batch by batch from a Lance scanner into ``lance.write_dataset`` through a
 ``pyarrow.RecordBatchReader``, so the rows never all sit in Python memory.
 Peak memory is roughly ``batch_rows`` x row size x the small scan readahead.
 
-Filter quoting: a pylance ``filter=`` quotes identifiers with backticks
-(`` `NSFW` = 0 ``) and reads a double-quoted ``"NSFW"`` as a *string literal*,
-while LanceDB's ``.where()`` (and standard SQL) reads it as an identifier. So
-that the LanceDB form from the dataset card works unchanged, a double-quoted
-token whose content is exactly a column name of the source is rewritten to
-backticks. Other double-quoted tokens and single-quoted literals are left
-alone.
+Filters are written in the one filter language of every command
+(:mod:`laion_ray.filters`): the card's ``"NSFW"`` and pylance's `` `NSFW` ``
+both name a column, and ``'text'`` is a string literal.
 """
 
 from __future__ import annotations
@@ -29,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from laion_ray.errors import LaionRayError
+from laion_ray.filters import check_filter, to_lance_sql
 from laion_ray.storage import (
     filesystem,
     is_local,
@@ -88,55 +85,6 @@ class MaterializeReport:
         )
 
 
-def translate_where(where: str, column_names: list[str] | set[str]) -> str:
-    """Rewrite LanceDB-style ``"Ident"`` into pylance's `` `Ident` `` for known columns.
-
-    Single-quoted string literals (with ``''`` escapes) are skipped untouched, and
-    a double-quoted token that is not a column name is left as it is.
-
-    Args:
-        where: SQL filter, e.g. ``'"NSFW" = 0 AND similarity > 0.35'``.
-        column_names: Column names of the source dataset.
-
-    Returns:
-        The filter with known double-quoted identifiers in backticks.
-
-    Examples:
-        >>> translate_where('"NSFW" = 0 AND width >= 512', ["NSFW", "width"])
-        '`NSFW` = 0 AND width >= 512'
-    """
-    names = set(column_names)
-    out: list[str] = []
-    i, n = 0, len(where)
-    while i < n:
-        ch = where[i]
-        if ch in "'`":
-            # Copy a literal or an already-backticked identifier verbatim;
-            # a doubled quote character is an escaped quote inside it.
-            j = i + 1
-            while j < n:
-                if where[j] == ch:
-                    if j + 1 < n and where[j + 1] == ch:
-                        j += 2
-                        continue
-                    break
-                j += 1
-            out.append(where[i : j + 1])
-            i = j + 1
-        elif ch == '"':
-            j = where.find('"', i + 1)
-            if j == -1:
-                out.append(where[i:])
-                break
-            ident = where[i + 1 : j]
-            out.append(f"`{ident}`" if ident in names else where[i : j + 1])
-            i = j + 1
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
@@ -175,8 +123,8 @@ def materialize(
         src: Source dataset URI: a local path, ``s3://...``, or
             ``hf://datasets/lance-format/laion-1m/data/train.lance``.
         dest: URI of the dataset to create (local or object store); must not exist.
-        where: SQL filter pushed into the scan. LanceDB's double-quoted
-            identifiers (``"NSFW" = 0``) are accepted for column names.
+        where: SQL filter pushed into the scan: ``"NSFW" = 0`` (the card's,
+            LanceDB's) or `` `NSFW` = 0 `` (pylance's); see :mod:`laion_ray.filters`.
         columns: Columns to keep, in this order (default: all).
         limit: Keep at most this many matching rows.
         storage_options: Lance storage options for ``src`` (``AWS_*`` env is read too).
@@ -222,7 +170,8 @@ def materialize(
             raise LaionRayError(
                 f"unknown column(s) {', '.join(unknown)} in {src}; available: {', '.join(names)}"
             )
-    lance_filter = translate_where(where, names) if where and where.strip() else None
+    lance_filter = to_lance_sql(where)
+    check_filter(ds, lance_filter, given=where)
 
     try:
         reader = ds.scanner(

@@ -7,25 +7,17 @@ prefilter, as in the card's "Curate" example.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from laion_ray.errors import LaionRayError
-from laion_ray.index import vector_dim
+from laion_ray.filters import check_filter, to_lance_sql
+from laion_ray.ivf import vector_dim
+from laion_ray.recall import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 from laion_ray.storage import open_dataset
 
 log = logging.getLogger(__name__)
-
-# A double-quoted token outside single-quoted literals: an identifier in SQL and
-# in LanceDB's .where(), but a string literal to pylance, which wants backticks.
-_SQL_TOKEN = re.compile(r"'(?:[^']|'')*'|\"((?:[^\"]|\"\")*)\"")
-
-
-def pylance_filter(where: str) -> str:
-    """Rewrite ``"Col"`` identifiers as ``\\`Col\\``` so LanceDB-style filters work."""
-    return _SQL_TOKEN.sub(lambda m: m.group(0) if m.group(1) is None else f"`{m.group(1)}`", where)
 
 
 def _text_vector(text: str, model: str | None) -> np.ndarray:
@@ -103,8 +95,8 @@ def search(
     model: str | None = None,
     k: int = 10,
     where: str | None = None,
-    nprobes: int = 20,
-    refine_factor: int | None = None,
+    nprobes: int = SEARCH_NPROBES,
+    refine_factor: int | None = SEARCH_REFINE_FACTOR,
     columns: Sequence[str] = ("caption", "url", "similarity"),
     column: str = "img_emb",
     storage_options: Mapping[str, str] | None = None,
@@ -118,9 +110,13 @@ def search(
         text: Encode this text with CLIP ``model``.
         model: ``NAME[:PRETRAINED or checkpoint path]`` for ``text``.
         k: Number of neighbours.
-        where: SQL filter applied before the vector search.
-        nprobes: IVF partitions probed.
-        refine_factor: Re-rank ``k * refine_factor`` candidates exactly.
+        where: SQL filter applied before the vector search, in the one filter
+            language of every command (:mod:`laion_ray.filters`): ``"NSFW"`` and
+            `` `NSFW` `` name a column, ``'text'`` is a string.
+        nprobes: IVF partitions probed; default the dataset card's query's (16),
+            the setting ``reindex`` gates at.
+        refine_factor: Re-rank ``k * refine_factor`` candidates exactly; default
+            the card's 30; ``None`` for no re-ranking.
         columns: Columns returned with each hit (plus ``_distance``).
         column: Vector column.
         storage_options: Object-store options for Lance.
@@ -145,12 +141,14 @@ def search(
     nearest = {"column": column, "q": q, "k": k, "nprobes": nprobes}
     if refine_factor is not None:
         nearest["refine_factor"] = refine_factor
+    lance_where = to_lance_sql(where)
+    check_filter(ds, lance_where, given=where)
     try:
         table = ds.to_table(
             nearest=nearest,
             columns=[*columns, "_distance"],
-            filter=pylance_filter(where) if where else None,
-            prefilter=bool(where),
+            filter=lance_where,
+            prefilter=lance_where is not None,
         )
     except (ValueError, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -302,3 +302,12 @@ def test_units_are_sized_by_bytes_of_input():
     assert rows("width", "height") == MAX_UNIT_ROWS  # 16 B a row: capped, not 4M rows
     assert rows("img_emb") == UNIT_BYTES // (768 * 4)  # 3 KB vectors: ~21k rows
     assert rows("image", "caption") < rows("image") < rows("img_emb") < rows("caption")
+
+
+def test_resource_plan_is_logged_as_prose(many_fragments, caplog):
+    caplog.set_level("INFO", logger="laion_ray")
+    backfill(many_fragments, udfs=["aspect-ratio"], executor="ray")
+    plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cluster: ")]
+    assert plans, [r.getMessage() for r in caplog.records]
+    assert plans[0].endswith(" · aspect-ratio: tasks of 0.25 CPU")
+    assert "{" not in plans[0]

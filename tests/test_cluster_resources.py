@@ -21,6 +21,7 @@ from test_cluster import REPO, TESTS, LocalCluster, _runtime_env, _submit_cmd
 
 from laion_ray.history import job_history
 from laion_ray.sample import write_sample
+from laion_ray.udf import format_param
 from laion_ray.udfs.clip import make_clip_embed
 
 pytestmark = pytest.mark.slow
@@ -79,7 +80,7 @@ def _submit(cluster: LocalCluster, args: list[str], report: Path) -> tuple[str, 
 def _embed_job(cluster, tmp_path, rows: int = 160) -> tuple[str, str, dict]:
     uri = str(tmp_path / "images.lance")
     write_sample(uri, rows=rows, fragments=4, seed=5)
-    params = [f"--param=clip-embed.{k}={json.dumps(v)}" for k, v in MODEL.items()]
+    params = [f"--param=clip-embed.{k}={format_param(v)}" for k, v in MODEL.items()]
     out, report = _submit(
         cluster,
         ["backfill", uri, "--udf", "clip-embed", *params, "--unit-rows", "20"],
@@ -117,7 +118,7 @@ def _fallback_warnings(cluster: LocalCluster) -> int:
 
 
 def _class_udf_job(cluster, uri: str, tmp_path) -> dict:
-    params = [f"--param=moderation-clip.{k}={json.dumps(v)}" for k, v in MODEL.items()]
+    params = [f"--param=moderation-clip.{k}={format_param(v)}" for k, v in MODEL.items()]
     _, report = _submit(
         cluster,
         [

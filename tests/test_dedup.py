@@ -131,12 +131,33 @@ def test_crash_before_write_back_resumes_without_regrouping(ray_session, sample,
     assert {frozenset(m) for m in _groups(_rows(copy)).values()} == expected
 
 
+@pytest.mark.parametrize("where", ['"NSFW" = 0', "`NSFW` = 0"])
+def test_where_groups_only_the_selected_rows(ray_session, sample, copy, where):
+    _, truth = sample
+    nsfw = {r["key"]: r["NSFW"] for r in lance.dataset(copy).to_table(["key", "NSFW"]).to_pylist()}
+    assert 0 < sum(nsfw.values()) < ROWS  # both kinds of rows are there
+    report = dedup(copy, where=where, **SMALL)
+    rows = _rows(copy)
+    assert all((r["dup_group"] is None) == (nsfw[k] != 0) for k, r in rows.items())
+    expected = set()  # the injected groups, among the selected rows only
+    for source, copies in truth.duplicate_groups.items():
+        kept = frozenset(k for k in (source, *copies) if nsfw[k] == 0)
+        if len(kept) > 1:
+            expected.add(kept)
+    assert expected  # the test means something: some groups survive the filter
+    assert {frozenset(m) for g, m in _groups(rows).items() if g is not None} == expected
+    assert report.duplicates == sum(len(m) - 1 for m in expected)
+    assert report.job.rows_processed == sum(1 for v in nsfw.values() if v == 0)
+
+
 def test_bad_input_is_one_line_exit_2(sample, capsys):
     uri = sample[0]
     assert main(["dedup", uri, "--threshold", "1.5"]) == 2
     assert main(["dedup", uri, "--keep", "caption"]) == 2
     assert main(["dedup", uri, "--column", "caption"]) == 2
+    assert main(["dedup", uri, "--where", "nope = 1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and "--threshold" in err[0] and "not numeric" in err[1]
+    assert len(err) == 4 and "--threshold" in err[0] and "not numeric" in err[1]
+    assert err[3].startswith("laion-ray: error: bad --where") and "nope" in err[3]
     with pytest.raises(LaionRayError, match="no column 'nope'"):
         dedup(uri, keep="nope")

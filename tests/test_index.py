@@ -15,7 +15,7 @@ import pytest
 from laion_ray import recall as rc
 from laion_ray.errors import JobFailed, LaionRayError
 from laion_ray.index import default_sub_vectors, reindex
-from laion_ray.search import pylance_filter, search
+from laion_ray.search import search
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -148,6 +148,7 @@ def test_swap_is_refused_when_the_indexed_fragments_were_rewritten(
         compacted["indices"] = index_uuids(indexed)  # compaction remaps the old index
 
     _during_verify(monkeypatch, compact)
+    # A writer rewrote the indexed fragments: a failed job (exit 1), not bad input.
     with pytest.raises(JobFailed, match="was rewritten by another writer"):
         reindex(str(indexed), partitions=16, sub_vectors=8)
     ds = lance.dataset(str(indexed))
@@ -164,7 +165,8 @@ def test_min_recall_gate_keeps_old_index(ray_session, indexed):
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     # 2 sub-vectors of 32 dims cannot reach perfect recall without refine.
-    argv = [str(indexed), "--partitions", "16", "--sub-vectors", "2", "--min-recall", "1.0"]
+    argv = [str(indexed), "--partitions", "16", "--sub-vectors", "2", "--min-recall", "1.0",
+            "--gate-refine-factor", "0"]  # fmt: skip
     assert job.main(argv) == 1
     ds = lance.dataset(str(indexed))
     assert ds.version == version and index_uuids(indexed) == [old]
@@ -251,12 +253,6 @@ def test_bad_search_input(indexed, kwargs, message):
         search(str(indexed), **kwargs)
 
 
-def test_pylance_filter_quotes_identifiers_not_literals():
-    assert (
-        pylance_filter('"NSFW" = 0 AND caption = \'a "b"\'') == "`NSFW` = 0 AND caption = 'a \"b\"'"
-    )
-
-
 def test_cli_search_and_reindex_errors(indexed, capsys):
     from laion_ray.cli import main
 
@@ -289,3 +285,122 @@ def test_recall_parity_with_single_node_20k_768(ray_session, tmp_path):
     base = rc.recall_grid(lance.dataset(single_uri), "img_emb", queries, own, truth, **grid)
     assert report.swapped
     assert abs(dist - base[0].recall) <= 0.02, (dist, base[0].recall)
+
+
+# --- the gate judges what users run ----------------------------------------------------
+
+
+def _commands(text: str, needle: str) -> list[list[str]]:
+    """Shell commands (continuation lines joined, comments cut) that contain ``needle``."""
+    import shlex
+
+    joined = text.replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in joined.splitlines() if needle in line]
+
+
+def test_readme_and_job_reindex_examples_swap_the_index_as_written(
+    ray_session, tmp_path, monkeypatch, capsys
+):
+    """The README's ``laion-ray reindex`` and ``jobs/rebuild_index.py`` lines, run on a
+    generated sample with their own flags; only the job's ``s3://bucket/...`` URI is
+    replaced by the sample's path."""
+    from readme import README, blocks
+
+    from laion_ray.cli import main
+    from laion_ray.sample import write_sample
+
+    monkeypatch.chdir(tmp_path)  # the examples' relative paths: ./laion.lance, recall.json
+    write_sample("laion.lance", rows=1000, fragments=4, seed=2)
+    bash = "\n".join(blocks("bash"))
+    (cli,) = _commands(bash, "laion-ray reindex")
+    assert cli[:3] == ["laion-ray", "reindex", "./laion.lance"] and "--min-recall" in cli
+    jobs = [c[c.index("jobs/rebuild_index.py") + 1 :] for c in _commands(bash, "rebuild_index.py")]
+    docstring = (ROOT / "jobs/rebuild_index.py").read_text()
+    jobs += [
+        c[c.index("jobs/rebuild_index.py") + 1 :] for c in _commands(docstring, "python jobs/")
+    ]
+    assert len(jobs) == 2 and all(j[0] == "s3://bucket/laion.lance" for j in jobs)
+
+    assert main(cli[1:]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "swapped in index 'img_emb_idx'" in out
+    assert "at the gate (nprobes=16, refine_factor=30)" in out
+    report = json.loads((tmp_path / "recall.json").read_text())
+    assert report["swapped"] and (report["gate_nprobes"], report["gate_refine_factor"]) == (16, 30)
+    assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
+
+    job = _load_job()
+    for argv in jobs:
+        before = index_uuids(tmp_path / "laion.lance")
+        assert job.main(["./laion.lance", *argv[1:]]) == 0
+        assert index_uuids(tmp_path / "laion.lance") != before  # a new index is live
+    assert "ivf-v2" in lance.dataset(str(tmp_path / "laion.lance")).tags.list()
+    assert README.exists()
+
+
+def _load_job():
+    sys.path.insert(0, str(ROOT / "jobs"))  # the entry point imports its sibling ``_common``
+    spec = importlib.util.spec_from_file_location("rebuild_index", ROOT / "jobs/rebuild_index.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_gate_measures_at_the_stated_settings(ray_session, indexed, tmp_path):
+    report = reindex(
+        str(indexed), partitions=16, sub_vectors=2, gate_nprobes=3, gate_refine_factor=None,
+        min_recall=0.0, report_path=str(tmp_path / "r.json"),
+    )  # fmt: skip
+    grid = {(p["nprobes"], p["refine_factor"]): p["recall"] for p in report.grid}
+    assert (3, None) in grid and (16, 30) not in grid  # the gate's point is measured
+    assert report.recall_at_10 == grid[(3, None)]
+    table = report.summary().splitlines()
+    (marked,) = [line for line in table if line.endswith("<- gate")]
+    assert marked.split()[:2] == ["3", "-"]
+    assert "recall@10" in table[-2] and "at the gate (nprobes=3, no refine)" in table[-2]
+
+
+def test_the_plot_marks_the_gate_point():
+    points = [
+        rc.RecallPoint(nprobes=n, refine_factor=r, recall=0.5 + n / 100 + (r or 0) / 100,
+                       p50_ms=float(n), mean_ms=float(n))
+        for r in (None, 30) for n in (5, 16, 20)
+    ]  # fmt: skip
+    fig = rc.recall_figure(points, gate=(16, 30), min_recall=0.7)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    (gate,) = [h for h, label in zip(handles, labels, strict=True) if label.startswith("gate")]
+    assert labels[handles.index(gate)] == "gate: nprobes=16, refine_factor=30 (0.960)"
+    (judged,) = [p for p in points if (p.nprobes, p.refine_factor) == (16, 30)]
+    assert list(gate.get_xdata()) == [judged.p50_ms] and list(gate.get_ydata()) == [judged.recall]
+    assert "--min-recall 0.7" in labels
+    assert rc.gate_grid(16, 30) == ((5, 10, 16, 20, 50), (None, 10, 30))
+
+
+def test_search_uses_the_gates_settings_by_default(indexed, monkeypatch):
+    import inspect
+
+    from laion_ray.cli import build_parser
+
+    defaults = inspect.signature(search).parameters
+    assert (defaults["nprobes"].default, defaults["refine_factor"].default) == (16, 30)
+    assert (rc.SEARCH_NPROBES, rc.SEARCH_REFINE_FACTOR) == (16, 30)  # the card's query
+    args = build_parser().parse_args(["search", str(indexed), "--row", "1"])
+    assert (args.nprobes, args.refine_factor) == (16, 30)
+    gate = build_parser().parse_args(["reindex", str(indexed)])
+    assert (gate.gate_nprobes, gate.gate_refine_factor) == (16, 30)
+
+    seen = []
+    real = lance.LanceDataset.to_table
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("nearest"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(lance.LanceDataset, "to_table", spy)
+    from laion_ray.cli import main
+
+    assert main(["search", str(indexed), "--row", "1", "--k", "3"]) == 0
+    assert main(["search", str(indexed), "--row", "1", "--k", "3", "--refine-factor", "0"]) == 0
+    queries = [n for n in seen if n]
+    assert (queries[0]["nprobes"], queries[0]["refine_factor"]) == (16, 30)
+    assert "refine_factor" not in queries[1]

@@ -14,7 +14,7 @@ import pytest
 
 from laion_ray.cli import main
 from laion_ray.errors import LaionRayError
-from laion_ray.materialize import MaterializeReport, materialize, translate_where
+from laion_ray.materialize import MaterializeReport, materialize
 from laion_ray.storage import filesystem
 
 EMB_DIM = 768
@@ -90,23 +90,6 @@ def test_no_filter_copies_everything(src, tmp_path):
     report = materialize(src, str(tmp_path / "all.lance"))
     assert report.rows == 500
     assert lance.dataset(str(tmp_path / "all.lance")).schema == lance.dataset(src).schema
-
-
-@pytest.mark.parametrize(
-    ("where", "expected"),
-    [
-        ('"NSFW" = 0', "`NSFW` = 0"),
-        ('"NSFW" = 0 AND "width" >= 512', "`NSFW` = 0 AND `width` >= 512"),
-        ("`NSFW` = 0", "`NSFW` = 0"),
-        ("caption = '\"NSFW\"'", "caption = '\"NSFW\"'"),  # inside a literal
-        ("caption = 'it''s \"NSFW\"'", "caption = 'it''s \"NSFW\"'"),  # escaped quote
-        ('caption = "not a column"', 'caption = "not a column"'),
-        ('"NSFW', '"NSFW'),  # unterminated: left for Lance to reject
-        ("similarity > 0.35", "similarity > 0.35"),
-    ],
-)
-def test_translate_where(where, expected):
-    assert translate_where(where, ["NSFW", "width", "caption", "similarity"]) == expected
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from laion_ray.cluster import (
     actor_groups,
     cluster_capacity,
     describe_plan,
+    format_plan,
     format_stages,
     plan_stages,
 )
@@ -180,6 +181,20 @@ def test_report_lines_say_what_ran_where():
     assert "clip-preprocess: tasks, 0.25 CPU each, 8 CPUs budget, on 2 node(s)" in lines[0]
     assert "clip-embed: 2 actor(s) at peak (pool 1..2), 1 CPU + 1 GPU each" in lines[1]
     assert "device cuda x2" in lines[1]
+
+
+def test_plan_line_is_prose():
+    laptop = plan_stages(make_clip_embed(**MODEL), Capacity.of({"CPU": 2}), Overrides())
+    assert format_plan(laptop) == (
+        "cluster: 2 CPUs, 0 GPUs, 1 node · clip-preprocess: tasks of 0.25 CPU · "
+        "clip-embed: 1 actor of 1 CPU"
+    )
+    growing = Capacity.of({"CPU": 8, "GPU": 2}, {"CPU": 34, "GPU": 8}, nodes=3)
+    line = format_plan(plan_stages(make_clip_embed(**MODEL), growing, Overrides()))
+    assert line.startswith("cluster: 8 CPUs, 2 GPUs, 3 nodes (autoscales to 34 CPUs, 8 GPUs) · ")
+    assert "clip-preprocess: tasks of 0.25 CPU, 32 CPUs in all" in line
+    assert line.endswith("clip-embed: 1..8 actors of 1 CPU + 1 GPU")
+    assert "{" not in line and "\n" not in line
 
 
 def test_device_outside_ray_is_this_process():

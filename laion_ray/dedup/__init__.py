@@ -3,7 +3,7 @@
 SemDeDup's recipe (arXiv 2303.09540) as a distributed job:
 
 1. *partition*: k-means centroids are trained on a sample with the index
-   build's trainer (``laion_ray.index.train_ivf``, cosine); every row goes to
+   build's trainer (``laion_ray.ivf.train_ivf``, cosine); every row goes to
    its nearest 2 partitions so that a pair straddling a boundary still meets
    in one of them;
 2. *compare*: inside each partition, block-wise cosine similarity (a numpy
@@ -30,6 +30,10 @@ Ties, and nulls (ranked last), go to the smallest key.
 
 ``exact`` also groups byte-identical images: rows with the same ``md5``
 are joined into the same components whatever their embeddings.
+
+``where`` (the SQL of every command's ``--where``) limits the job to some
+rows: only they are compared, with each other, and written; the other rows
+keep their values.
 
 Incremental: rerunning with the same settings after an append (columns
 already present with this job's producer metadata) groups only the rows whose
@@ -76,7 +80,8 @@ from laion_ray.engine.plan import KEEP, ROWADDR, fragment_states
 from laion_ray.engine.run import COMMIT_EVERY_S, Job, JobReport, classify_outputs, run_job
 from laion_ray.engine.stages import MAX_RETRIES
 from laion_ray.errors import LaionRayError
-from laion_ray.index import _sample_task, vector_dim
+from laion_ray.filters import check_filter, sql_and, sql_any_null, to_lance_sql
+from laion_ray.ivf import balanced_groups, sample_vectors, vector_dim
 from laion_ray.storage import filesystem, join_uri, open_dataset, remove_tree
 from laion_ray.udf import TASK_CPUS
 
@@ -241,6 +246,7 @@ def dedup(
     threshold: float = 0.95,
     keep: str = "similarity",
     exact: bool = False,
+    where: str | None = None,
     overwrite: bool = False,
     partitions: int | None = None,
     max_partition_rows: int = MAX_PARTITION_ROWS,
@@ -263,6 +269,9 @@ def dedup(
         keep: Which row of a group is kept: ``similarity``, ``largest``,
             ``first`` or a numeric column (highest value); see the module doc.
         exact: Also group rows with the same ``md5`` (byte-identical images).
+        where: SQL filter (:mod:`laion_ray.filters`, e.g. ``'"NSFW" = 0'``): only
+            these rows are grouped, compared with each other only; the other
+            rows keep their values (null when the columns are new).
         overwrite: Regroup every row, replacing existing ``dup_group`` /
             ``is_duplicate`` (needed when the settings changed).
         partitions: k-means partitions (default: rows / ``PARTITION_ROWS``).
@@ -291,6 +300,8 @@ def dedup(
 
     ds = open_dataset(uri, storage_options=storage_options)
     _validate(ds, column, threshold, keep, exact, partitions, max_partition_rows)
+    given_where, where = where, to_lance_sql(where)
+    check_filter(ds, where, given=given_where)
     if not isinstance(sample_rate, int) or sample_rate < 2:
         raise LaionRayError(f"--sample-rate must be an integer >= 2, got {sample_rate!r}")
     settings = {"column": column, "threshold": threshold, "keep": keep, "exact": exact}
@@ -311,6 +322,7 @@ def dedup(
         params_hash(
             {
                 **settings,
+                "where": where,
                 "overwrite": overwrite,
                 "partitions": partitions,
                 "max_partition_rows": max_partition_rows,
@@ -318,7 +330,7 @@ def dedup(
         ),  # fmt: skip
     )
     read_columns = ["key", column, *score_columns(keep), *(["md5"] if exact else [])]
-    if incremental and not ds.count_rows(filter="dup_group IS NULL OR is_duplicate IS NULL"):
+    if incremental and not ds.count_rows(filter=sql_and(where, sql_any_null(OUTPUTS))):
         log.info("every row of %s is grouped already", uri)
         return report
     ensure_ray(address)
@@ -326,7 +338,7 @@ def dedup(
     report.resumed = done is not None
     if done is None:
         done = _group(ds, report, scratch, read_columns, partitions, max_partition_rows,
-                      sample_rate, num_workers, opts)  # fmt: skip
+                      sample_rate, num_workers, opts, where)  # fmt: skip
     else:
         log.info("resuming dedup from its finished grouping in %s", scratch)
     for name, value in done["facts"].items():
@@ -358,9 +370,11 @@ def dedup(
         outputs=outputs,
         producers=[],
         transform=transform,
+        where=where,
         overwrite=overwrite,
         details={
             **settings,
+            "where": where,
             "duplicates": report.duplicates,
             "groups": report.groups,
             "incremental": incremental,
@@ -387,11 +401,15 @@ def dedup(
     return report
 
 
-def _group(ds, report, scratch, read_columns, partitions, max_rows, sample_rate, workers, opts):
-    """Steps 1-3 on Ray; writes ``groups/<fragment>.arrow`` and ``done.json`` under ``scratch``."""
-    import ray
+def _group(ds, report, scratch, read_columns, partitions, max_rows, sample_rate, workers, opts,
+           where=None):  # fmt: skip
+    """Steps 1-3 on Ray; writes ``groups/<fragment>.arrow`` and ``done.json`` under ``scratch``.
 
-    from laion_ray.index import _groups
+    The partitions are planned (and trained) on all rows, a ``where`` or not: an
+    estimate from all rows can only over-split, never overfill a compare task.
+    Only the rows that pass ``where`` are assigned, so only they are compared.
+    """
+    import ray
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -413,9 +431,9 @@ def _group(ds, report, scratch, read_columns, partitions, max_rows, sample_rate,
     none = np.empty(0, np.int64)
     picks = {fid: (round(n_train * r / rows) if rows else 0, none) for fid, r in frags}
     samples = [
-        remote(_sample_task, 0.5).options(num_returns=5)
+        remote(sample_vectors, 0.5).options(num_returns=5)
         .remote(ds.uri, version, opts, column, {f: picks[f] for f in g}, 0)
-        for g in _groups(frags, workers)
+        for g in balanced_groups(frags, workers)
     ]  # fmt: skip
     nan_rows = sum(ray.get([s[3] for s in samples]))
     report.sample_rows = sum(ray.get([s[4] for s in samples]))
@@ -440,7 +458,7 @@ def _group(ds, report, scratch, read_columns, partitions, max_rows, sample_rate,
     incremental = report.incremental
     facts = ray.get([
         remote(assign_chunk).remote(ds.uri, version, opts, c, column, keep, exact,
-                                    incremental, plan, scratch)
+                                    incremental, plan, scratch, where)
         for c in chunks
     ])  # fmt: skip
     timings["assign"] = time.perf_counter() - t0 - sum(timings.values())

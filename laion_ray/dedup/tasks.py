@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from laion_ray.dedup import graph
-from laion_ray.index import batch_vectors, train_ivf
+from laion_ray.filters import sql_and
+from laion_ray.ivf import batch_vectors, train_ivf
 from laion_ray.storage import filesystem, join_uri, resolve_storage_options
 
 # Vectors travel between tasks as float16: half the shuffle, and the cosine of two
@@ -182,6 +183,26 @@ def keep_scores(table: pa.Table, keep: str) -> np.ndarray:
     return pc.cast(table[keep], pa.float64()).to_numpy(zero_copy_only=False)
 
 
+def _selected(ds, fragment_id: int, addresses: np.ndarray, where: str | None) -> np.ndarray:
+    """Which of a chunk's rows (by row address) pass ``where``.
+
+    A second scan of the chunk's address range, reading only the filter's
+    columns: a filtered scan cannot be cut by ``offset``/``limit`` (they count
+    matching rows), and the chunk's rows must stay the ones it was planned with.
+    """
+    if not where or not len(addresses):
+        return np.ones(len(addresses), bool)
+    bounds = f"_rowaddr >= {int(addresses.min())} AND _rowaddr <= {int(addresses.max())}"
+    passing = (
+        ds.get_fragment(fragment_id)
+        .scanner(columns=[], filter=sql_and(where, bounds), with_row_address=True)
+        .to_table()["_rowaddr"]
+        .to_numpy()
+        .astype(np.int64)
+    )
+    return np.isin(addresses, passing)
+
+
 def assign_chunk(
     uri: str,
     version: int,
@@ -193,8 +214,12 @@ def assign_chunk(
     incremental: bool,
     plan: Plan,
     out_dir: str,
+    where: str | None = None,
 ) -> dict:
     """Worker task: place one chunk's rows in their nearest partitions' cells; write them.
+
+    Only rows that pass ``where`` (Lance SQL) take part: the others are never
+    compared, so they are nobody's duplicate.
 
     Returns:
         Facts: rows, rows with a valid vector, row copies written.
@@ -210,9 +235,10 @@ def assign_chunk(
         .scanner(columns=columns, with_row_address=True, offset=chunk.offset, limit=chunk.limit)
         .to_table()
     )
-    vectors, valid = batch_vectors(table[column])
-    vectors, valid = _normalise(vectors, valid)
     nodes = table["_rowaddr"].to_numpy().astype(np.int64)
+    selected = _selected(ds, chunk.fragment_id, nodes, where)
+    vectors, valid = batch_vectors(table[column])
+    vectors, valid = _normalise(vectors, valid & selected)
     keys = table["key"].to_numpy(zero_copy_only=False)
     scores = keep_scores(table, keep)
     old = (
@@ -260,7 +286,7 @@ def assign_chunk(
                    plan.groups, opts)  # fmt: skip
     if exact:
         ids, has = md5_ids(table["md5"].combine_chunks())
-        r = np.flatnonzero(has)
+        r = np.flatnonzero(has & selected)
         md5 = pa.table(
             [pa.array(nodes[r]), pa.array(keys[r], pa.int64()), pa.array(scores[r]),
              pa.array(old[r], pa.int64()), pa.array(ids[r])],

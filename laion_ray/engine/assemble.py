@@ -24,7 +24,7 @@ from laion_ray.storage import PinnedVersion, cached_dataset, join_uri, resolve_s
 from .checkpoint import read_part
 from .commit import ColumnFile, check_unchanged, column_files, delete_data_file, field_ids
 from .error_log import ERROR_SCHEMA, part_errors
-from .plan import ROWADDR, WorkUnit
+from .plan import ROWADDR, WorkUnit, row_range
 
 
 class MissingPart(JobFailed):
@@ -71,7 +71,7 @@ def _current_values(ds, unit: WorkUnit, schema: pa.Schema, existing: Sequence[st
             .scanner(
                 columns=existing,
                 with_row_address=True,
-                filter=f"{ROWADDR} >= {base + unit.start} AND {ROWADDR} < {base + unit.end}",
+                filter=row_range(base + unit.start, base + unit.end),
             )
             .to_table()
         )

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from laion_ray.errors import StorageError, brief
+from laion_ray.filters import check_filter, filter_table, quote_literal, sql_and, to_lance_sql
 from laion_ray.storage import filesystem, is_local, join_uri, resolve_storage_options
 
 from .checkpoint import JobCheckpoint, read_part
@@ -170,6 +171,7 @@ def list_errors(
     *,
     checkpoint_uri: str | None = None,
     udf: str | None = None,
+    where: str | None = None,
     limit: int | None = None,
     storage_options: Mapping[str, str] | None = None,
 ) -> pa.Table:
@@ -181,6 +183,9 @@ def list_errors(
         checkpoint_uri: Where its checkpoints and errors live (default
             ``<uri>/_laion_ray``).
         udf: Only rows this UDF stage failed on.
+        where: Only rows that pass this SQL filter over the listing's columns
+            (:data:`LISTED_SCHEMA` but ``committed``), e.g. ``error_type =
+            'ImageDecodeError'``; the same filter language as every command.
         limit: At most this many rows.
         storage_options: Object-store options.
 
@@ -189,11 +194,18 @@ def list_errors(
     """
     root = checkpoint_root(uri, checkpoint_uri)
     dataset = dataset_identity(uri)
+    given, where = where, to_lance_sql(where)
     ds = _open(root, storage_options)
     if ds is not None:
-        wanted = _of_dataset(ds, dataset)
-        if udf:
-            wanted &= pc.field("udf") == udf
+        names = ds.schema.names
+        wanted = sql_and(
+            where,
+            "dataset IS NULL OR dataset = " + quote_literal(dataset)
+            if "dataset" in names
+            else None,
+            "udf = " + quote_literal(udf) if udf else None,
+        )
+        check_filter(ds, wanted, given=given)
         committed = _with_identity(ds, ds.to_table(filter=wanted, limit=limit))
     else:
         committed = ERROR_LOG_SCHEMA.empty_table()
@@ -204,7 +216,7 @@ def list_errors(
     if left is not None and left <= 0:
         return committed.cast(LISTED_SCHEMA)
     pending = uncommitted_errors(
-        root, dataset=dataset, udf=udf, limit=left, storage_options=storage_options
+        root, dataset=dataset, udf=udf, where=where, limit=left, storage_options=storage_options
     )
     return pa.concat_tables([committed.cast(LISTED_SCHEMA), pending])
 
@@ -259,6 +271,7 @@ def uncommitted_errors(
     *,
     dataset: str,
     udf: str | None = None,
+    where: str | None = None,
     limit: int | None = None,
     storage_options: Mapping[str, str] | None = None,
 ) -> pa.Table:
@@ -293,8 +306,6 @@ def uncommitted_errors(
             errors = read_part_errors([path], opts)
             if udf:
                 errors = errors.filter(pc.equal(errors["udf"], udf))
-            if limit is not None:
-                errors = errors.slice(0, limit - found)
             n = errors.num_rows
             columns = {
                 "job": pa.array([checkpoint.fingerprint] * n, pa.string()),
@@ -306,8 +317,11 @@ def uncommitted_errors(
             }
             for name, column in columns.items():
                 errors = errors.append_column(name, column)
-            tables.append(errors.cast(LISTED_SCHEMA))
-            found += n
+            errors = filter_table(errors.cast(LISTED_SCHEMA), where)
+            if limit is not None:
+                errors = errors.slice(0, limit - found)
+            tables.append(errors)
+            found += errors.num_rows
     return pa.concat_tables([LISTED_SCHEMA.empty_table(), *tables])
 
 

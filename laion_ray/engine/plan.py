@@ -68,6 +68,11 @@ def digest_sum(digests: np.ndarray) -> int:
         return int(np.sum(digests, dtype=np.uint64))
 
 
+def row_range(start: int, end: int) -> str:
+    """Lance SQL for the row addresses ``[start, end)``."""
+    return f"{ROWADDR} >= {int(start)} AND {ROWADDR} < {int(end)}"
+
+
 def error_column_name(producer: str) -> str:
     return f"{ERROR_PREFIX}{producer}"
 

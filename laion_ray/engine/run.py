@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 
 from laion_ray.cluster import format_stages
 from laion_ray.errors import LaionRayError, SystemicError
+from laion_ray.filters import sql_and, sql_any_null
 from laion_ray.ray_env import ray_attached
 from laion_ray.storage import PinnedVersion, filesystem, open_dataset
 
@@ -186,9 +187,8 @@ def classify_outputs(
 
 
 def _row_filter(where: str | None, incremental: Sequence[str]) -> str | None:
-    lacking = " OR ".join(f"`{c}` IS NULL" for c in incremental)
-    parts = [f"({p})" for p in (where, lacking) if p]
-    return " AND ".join(parts) or None
+    """The rows to compute: those ``where`` selects that lack an incremental output."""
+    return sql_and(where, sql_any_null(incremental))
 
 
 def _stale_reason(

@@ -9,9 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from laion_ray.filters import sql_and
 from laion_ray.storage import PinnedVersion, cached_dataset
 
-from .plan import ROWADDR, UNIT, UNIT_DIGEST, UNIT_ROWS, WorkUnit, row_digests
+from .plan import ROWADDR, UNIT, UNIT_DIGEST, UNIT_ROWS, WorkUnit, row_digests, row_range
 
 
 def read_units(
@@ -39,8 +40,7 @@ def read_units(
     ds = cached_dataset(uri, pinned=pinned, storage_options=storage_options)
     fragment_id = units[0].fragment_id
     base = fragment_id << 32
-    bounds = f"{ROWADDR} >= {base + units[0].start} AND {ROWADDR} < {base + units[-1].end}"
-    query = f"({where}) AND {bounds}" if where else bounds
+    query = sql_and(where, row_range(base + units[0].start, base + units[-1].end))
     table = (
         ds.get_fragment(fragment_id)
         .scanner(columns=list(columns), filter=query, with_row_address=True)
