@@ -207,8 +207,8 @@ def list_errors(
         )
         check_filter(ds, wanted, given=given)
         committed = _with_identity(ds, ds.to_table(filter=wanted, limit=limit))
-    else:
-        committed = ERROR_LOG_SCHEMA.empty_table()
+    else:  # nothing to list yet, but a bad filter is still bad input
+        committed = filter_table(ERROR_LOG_SCHEMA.empty_table(), where, given=given)
     committed = committed.append_column(
         "committed", pa.array([True] * committed.num_rows, pa.bool_())
     )
