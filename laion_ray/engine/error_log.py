@@ -28,7 +28,14 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from laion_ray.errors import StorageError, brief
-from laion_ray.filters import check_filter, filter_table, quote_literal, sql_and, to_lance_sql
+from laion_ray.filters import (
+    check_filter,
+    filter_table,
+    quote_identifier,
+    quote_literal,
+    sql_and,
+    to_lance_sql,
+)
 from laion_ray.storage import filesystem, is_local, join_uri, resolve_storage_options
 
 from .checkpoint import JobCheckpoint, read_part
@@ -76,6 +83,17 @@ def dataset_identity(uri: str) -> str:
     return uri.rstrip("/")
 
 
+def dataset_scope(uri: str, checkpoint_uri: str | None) -> str | None:
+    """Whose records a job of ``uri`` reads from its errors table.
+
+    A root inside the dataset (the default) holds only that dataset's
+    records, wherever the dataset was copied or moved since: None, all of
+    them. A ``--checkpoint-uri`` may be shared by several datasets: only the
+    records of ``uri``'s identity.
+    """
+    return None if checkpoint_uri is None else dataset_identity(uri)
+
+
 def _is_not_found(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, FileNotFoundError) or "not found" in text or "NotFound" in text
@@ -96,10 +114,19 @@ def _open(root: str, storage_options: Mapping[str, str] | None) -> lance.LanceDa
         raise StorageError(f"cannot read the errors table {uri}: {brief(exc)}") from exc
 
 
-def _of_dataset(ds: lance.LanceDataset, dataset: str) -> pc.Expression:
-    if "dataset" not in ds.schema.names:  # a table from before datasets were recorded
-        return pc.scalar(True)
+def _of_dataset(ds: lance.LanceDataset, dataset: str | None) -> pc.Expression | None:
+    """Records of ``dataset`` (None: every record); a null dataset is an older record's."""
+    if dataset is None or "dataset" not in ds.schema.names:
+        return None
     return pc.field("dataset").is_null() | (pc.field("dataset") == dataset)
+
+
+def _all_of(*conditions: pc.Expression | None) -> pc.Expression:
+    given = [c for c in conditions if c is not None]
+    combined = given[0]
+    for condition in given[1:]:
+        combined &= condition
+    return combined
 
 
 def _with_identity(ds: lance.LanceDataset, table: pa.Table) -> pa.Table:
@@ -115,6 +142,7 @@ def record_errors(
     errors: pa.Table,
     *,
     dataset: str,
+    scope: str | None,
     job: str,
     plan: str,
     commit: str,
@@ -124,17 +152,20 @@ def record_errors(
 ) -> None:
     """Append the error rows of one commit.
 
-    First drops older records of ``udfs`` in ``replace_fragments`` of this
-    dataset (those rows were all retried by this job). Redo after a crash with
-    :func:`recorded`: a commit whose rows are there already is done.
+    First drops older records of ``udfs`` in ``replace_fragments`` in
+    ``scope`` (see :func:`dataset_scope`): those rows were all retried by this
+    job. Redo after a crash with :func:`recorded`: a commit whose rows are
+    there already is done. ``dataset`` is recorded with every row.
     """
     opts = resolve_storage_options(storage_options)
     existing = _open(root, opts)
     if existing is not None and replace_fragments and udfs:
         existing.delete(
-            pc.field("fragment_id").isin([int(f) for f in replace_fragments])
-            & pc.field("udf").isin(list(udfs))
-            & _of_dataset(existing, dataset)
+            _all_of(
+                pc.field("fragment_id").isin([int(f) for f in replace_fragments]),
+                pc.field("udf").isin(list(udfs)),
+                _of_dataset(existing, scope),
+            )
         )
     if not errors.num_rows:
         return
@@ -193,17 +224,16 @@ def list_errors(
         A table of :data:`LISTED_SCHEMA`.
     """
     root = checkpoint_root(uri, checkpoint_uri)
-    dataset = dataset_identity(uri)
+    scope = dataset_scope(uri, checkpoint_uri)
     given, where = where, to_lance_sql(where)
     ds = _open(root, storage_options)
     if ds is not None:
-        names = ds.schema.names
+        column = quote_identifier("dataset")
+        mine = f"{column} IS NULL OR {column} = {quote_literal(scope)}" if scope else None
         wanted = sql_and(
             where,
-            "dataset IS NULL OR dataset = " + quote_literal(dataset)
-            if "dataset" in names
-            else None,
-            "udf = " + quote_literal(udf) if udf else None,
+            mine if "dataset" in ds.schema.names else None,
+            f"{quote_identifier('udf')} = {quote_literal(udf)}" if udf else None,
         )
         check_filter(ds, wanted, given=given)
         committed = _with_identity(ds, ds.to_table(filter=wanted, limit=limit))
@@ -216,7 +246,7 @@ def list_errors(
     if left is not None and left <= 0:
         return committed.cast(LISTED_SCHEMA)
     pending = uncommitted_errors(
-        root, dataset=dataset, udf=udf, where=where, limit=left, storage_options=storage_options
+        root, dataset=scope, udf=udf, where=where, limit=left, storage_options=storage_options
     )
     return pa.concat_tables([committed.cast(LISTED_SCHEMA), pending])
 
@@ -269,16 +299,17 @@ def read_part_errors(
 def uncommitted_errors(
     root: str,
     *,
-    dataset: str,
+    dataset: str | None,
     udf: str | None = None,
     where: str | None = None,
     limit: int | None = None,
     storage_options: Mapping[str, str] | None = None,
 ) -> pa.Table:
-    """Failed rows of ``dataset`` that checkpoints hold but no commit has recorded yet.
+    """Failed rows that checkpoints hold but no commit has recorded yet.
 
-    Looks only at checkpoints planned on ``dataset`` (several datasets may
-    share a root), and there only at parts whose name counts errors, in
+    Looks only at checkpoints planned on ``dataset`` (None: every checkpoint
+    of the root, see :func:`dataset_scope`), and there only at parts whose
+    name counts errors, in
     fragments the job has not committed (those rows are in ``errors.lance``).
     """
     opts = resolve_storage_options(storage_options)
@@ -290,7 +321,7 @@ def uncommitted_errors(
             continue
         checkpoint = JobCheckpoint(root, info.base_name, opts)
         manifest = checkpoint.load_manifest()
-        if manifest is None or dataset_identity(manifest["uri"]) != dataset:
+        if manifest is None or (dataset and dataset_identity(manifest["uri"]) != dataset):
             continue
         committed = checkpoint.committed()
         with_errors = [
@@ -310,7 +341,7 @@ def uncommitted_errors(
             columns = {
                 "job": pa.array([checkpoint.fingerprint] * n, pa.string()),
                 "created_at": pa.nulls(n, LISTED_SCHEMA.field("created_at").type),
-                "dataset": pa.array([dataset] * n, pa.string()),
+                "dataset": pa.array([dataset_identity(manifest["uri"])] * n, pa.string()),
                 "plan": pa.array([manifest.get("plan")] * n, pa.string()),
                 "commit": pa.nulls(n, pa.string()),
                 "committed": pa.array([False] * n, pa.bool_()),
@@ -370,12 +401,12 @@ def failed_keys_by_fragment(
     udfs: Sequence[str],
     storage_options: Mapping[str, str] | None = None,
     *,
-    dataset: str,
+    dataset: str | None,
     exclude_plan: str | None = None,
 ) -> dict[int, KnownBad]:
-    """Keys of ``dataset`` that failed in any of ``udfs``, per fragment, to be
-    handed out per unit.
+    """Keys that failed in any of ``udfs``, per fragment, to be handed out per unit.
 
+    ``dataset`` is the scope (:func:`dataset_scope`): None for every record.
     ``exclude_plan`` leaves out the rows a plan recorded itself: when a
     resumed plan redoes a commit, its parts still hold those rows, so they are
     its own results, not rows to skip. Held as numpy arrays (16 bytes a failed
@@ -384,9 +415,10 @@ def failed_keys_by_fragment(
     ds = _open(root, storage_options)
     if ds is None or not udfs:
         return {}
-    wanted = pc.field("udf").isin(list(udfs)) & _of_dataset(ds, dataset)
+    others = None
     if exclude_plan is not None and "plan" in ds.schema.names:
-        wanted &= pc.field("plan").is_null() | (pc.field("plan") != exclude_plan)
+        others = pc.field("plan").is_null() | (pc.field("plan") != exclude_plan)
+    wanted = _all_of(pc.field("udf").isin(list(udfs)), _of_dataset(ds, dataset), others)
     table = ds.to_table(columns=["key", "fragment_id", "row_offset"], filter=wanted)
     table = table.filter(pc.is_valid(table["key"])).sort_by(
         [("fragment_id", "ascending"), ("row_offset", "ascending")]

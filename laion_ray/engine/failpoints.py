@@ -40,7 +40,6 @@ POINTS: dict[str, str] = {
     "writeback.after_drop_parts": "the fragments' parts are deleted",
     "writeback.after_close_intent": "the intent is deleted: the commit is complete",
     "job.after_tag": "the job's tag points at its version",
-    "job.after_remove_checkpoint": "the checkpoint is gone; the lease is still held",
 }
 ACTIONS = ("kill", "error")
 

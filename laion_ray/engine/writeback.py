@@ -89,7 +89,8 @@ class WriteBack:
             exception it raised.
         fence: Called right before every commit; raises if this driver lost
             its lease.
-        identity: ``dataset``, ``job`` (fingerprint), ``plan`` and ``run`` ids.
+        identity: ``dataset``, ``scope`` (whose errors it reads), ``job``
+            (fingerprint), ``plan`` and ``run`` ids.
         root: The checkpoint root (the errors table lives there).
         retry_errors: Whether this run retries rows that failed before.
         storage_options: Object-store options.
@@ -105,7 +106,7 @@ class WriteBack:
         *,
         run_tasks: Callable[[Callable, list[tuple]], list[Any]],
         fence: Callable[[], None],
-        identity: Mapping[str, str],
+        identity: Mapping[str, str | None],
         root: str,
         retry_errors: bool,
         storage_options: Mapping[str, str],
@@ -274,6 +275,7 @@ class WriteBack:
             self.root,
             errors,
             dataset=self.identity["dataset"],
+            scope=self.identity["scope"],
             job=self.identity["job"],
             plan=self.identity["plan"],
             commit=commit_id,
