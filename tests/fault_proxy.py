@@ -8,9 +8,11 @@ each request to the upstream (moto) and, on the way, can:
   without forwarding them, or reset the connection: the request reaches the
   store and is executed, then the response is cut off after half its body (or
   before its headers when it has no body), as a dropped connection does;
-- refuse every request matching a method and a path pattern, persistently,
-  until :meth:`FaultProxy.clear` (a bucket policy that denies DELETE, a full
-  prefix, ...);
+- refuse every request matching a method and a pattern searched in its path
+  and query, persistently, until :meth:`FaultProxy.clear` (a bucket policy
+  that denies DELETE, a full prefix, ...): 403 ``AccessDenied`` by default;
+- fail the next N requests matching a pattern with one transient kind (a
+  throttling burst longer than a client's retries);
 - strip a request header (``If-None-Match``: a store that accepts but ignores
   conditional writes).
 
@@ -84,6 +86,7 @@ class FaultProxy:
         self.seed = seed
         self.rate = rate
         self.refusals: list[Refusal] = []
+        self.bursts: list[list] = []  # [match, kind, requests left]
         self.stripped: set[str] = set()
         self.injected: collections.Counter[str] = collections.Counter()
         self.requests: collections.Counter[str] = collections.Counter()
@@ -127,15 +130,22 @@ class FaultProxy:
         with self._lock:
             self.refusals.append(Refusal(method.upper(), re.compile(pattern), status, code))
 
+    def burst(self, method: str, pattern: str, count: int, kind: str = "SlowDown") -> None:
+        """Fail the next ``count`` matching requests with transient ``kind`` (a throttling burst)."""
+        assert kind in TRANSIENT, kind
+        with self._lock:
+            self.bursts.append([Refusal(method.upper(), re.compile(pattern)), kind, count])
+
     def strip_header(self, header: str) -> None:
         """Drop ``header`` from every request before forwarding it."""
         with self._lock:
             self.stripped.add(header.lower())
 
     def clear(self) -> None:
-        """Stop refusing and stripping (transient faults follow ``rate``)."""
+        """Stop refusing, bursting and stripping (transient faults follow ``rate``)."""
         with self._lock:
             self.refusals.clear()
+            self.bursts.clear()
             self.stripped.clear()
 
     def injected_total(self, kinds: tuple[str, ...] = TRANSIENT) -> int:
@@ -148,7 +158,7 @@ class FaultProxy:
 
     # --- decisions ------------------------------------------------------------------
     def decide(self, method: str, path: str, headers) -> tuple[str | None, Refusal | None]:
-        """The fault for one request: (transient kind or None, refusal or None)."""
+        """The fault for one request (``path`` with its query): (transient kind, refusal)."""
         with self._lock:
             self.requests[method] += 1
             for rule in self.refusals:
@@ -160,6 +170,11 @@ class FaultProxy:
                     self.injected["stripped"] += 1
             n = self._seen[(method, path)]
             self._seen[(method, path)] += 1
+            for burst in self.bursts:
+                if burst[2] > 0 and burst[0].matches(method, path):
+                    burst[2] -= 1
+                    self.injected[burst[1]] += 1
+                    return burst[1], None
             if self.rate <= 0:
                 return None, None
             digest = hashlib.sha256(f"{self.seed}|{method}|{path}|{n}".encode()).digest()
@@ -216,11 +231,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         proxy = self.server.proxy
-        method, path = self.command, urlparse(self.path).path
-        body = self._body()
-        kind, refusal = proxy.decide(method, path, self.headers.keys())
+        method, body = self.command, self._body()
+        kind, refusal = proxy.decide(method, self.path, self.headers.keys())
         if refusal is not None:
-            self._error(refusal.status, refusal.code, f"refused by the fault proxy ({method})")
+            self._error(refusal.status, refusal.code, f"{self.command} refused by the fault proxy")
             return
         if kind in _ERRORS:
             self._error(*_ERRORS[kind])
