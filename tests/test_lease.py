@@ -180,9 +180,7 @@ def test_a_live_remote_holder_with_a_skewed_clock_is_never_taken_over(root, offs
 
 
 @pytest.mark.parametrize("offset_s", [-3600.0, 3600.0])
-def test_a_dead_remote_holder_with_a_skewed_clock_expires_after_ttl_by_our_clock(
-    root, offset_s
-):
+def test_a_dead_remote_holder_with_a_skewed_clock_expires_after_ttl_by_our_clock(root, offset_s):
     """Its heartbeat stands still: taken over once we watched it for ``ttl_s``, not sooner."""
     uri, opts = root
     ttl_s = 2.0
@@ -310,9 +308,7 @@ def test_object_store_takes_lance_style_options_for_every_store(tmp_path):
     assert s3.config["endpoint"] == "http://127.0.0.1:9"
     assert s3.client_options["allow_http"] == "true" and s3.retry_config["max_retries"] == 2
     assert s3.prefix == "ckpt/leases/job"
-    gcs = object_store(
-        "gs://bucket/ckpt", {"google_skip_signature": "true", "timeout": "7s"}
-    )
+    gcs = object_store("gs://bucket/ckpt", {"google_skip_signature": "true", "timeout": "7s"})
     assert gcs.config["skip_signature"] == "true" and gcs.client_options["timeout"] == "7s"
     for key_name in ("azure_storage_account_key", "account_key", "access_key"):
         azure = object_store(
