@@ -39,6 +39,10 @@ SECRET_KEYS = ("secret", "token", "password", "key_id", "credential")
 # Checkpoint I/O: attempts and first backoff for transient errors (doubling).
 IO_ATTEMPTS = 6
 IO_BACKOFF_S = 0.1
+# pyarrow's S3 client (checkpoints, merge sources, reports): attempts per request
+# on 5xx, SlowDown and dropped connections. Its default, 3, gives up inside one
+# throttling burst; Lance's object_store makes 10 by default, and so do we.
+S3_ATTEMPTS = 10
 # Set to a local file path to have every process (Ray workers included) append
 # its I/O counts there; benchmarks read it (see ``io_counts``).
 IO_LOG_ENV = "LAION_RAY_IO_LOG"
@@ -220,7 +224,10 @@ def filesystem(uri: str, storage_options: Mapping[str, str] | None = None):
             endpoint_url = urlparse(endpoint)
             kwargs["endpoint_override"] = endpoint_url.netloc or endpoint
             kwargs["scheme"] = endpoint_url.scheme or "https"
-        fs = pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
+        fs = pafs.S3FileSystem(
+            **{k: v for k, v in kwargs.items() if v is not None},
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
+        )
         return fs, parsed.netloc + parsed.path
     fs, path = pafs.FileSystem.from_uri(uri)
     return fs, path
