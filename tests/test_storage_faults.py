@@ -229,16 +229,41 @@ def test_refused_lease_writes_stop_the_job_before_it_plans(s3_server, faulty_s3,
     assert _table(uri, BACKFILL_COLUMNS, s3_server).equals(clean_backfill)
 
 
+def test_refused_deletes_stop_the_job_at_once_and_the_rerun_finishes(
+    s3_server, faulty_s3, clean_backfill
+):
+    """Every DELETE (single and bulk) is refused: the first one, pyarrow's rename of
+    ``job.json`` (copy, then delete), stops the job before any work."""
+    proxy, through_proxy = faulty_s3
+    uri = _sample(s3_server, "refused-delete.lance")
+    proxy.refuse("DELETE", rf"/{_prefix(uri)}")
+    proxy.refuse("POST", r"\?delete")
+    before = proxy.snapshot().get("refused", 0)
+    line = _one_failure_line(_cli(_backfill_args(uri), through_proxy))
+    assert proxy.snapshot()["refused"] > before
+    assert "DeleteObject" in line and "job.json" in line, line
+    assert any(k.endswith("/job.json") for k in _checkpoint(s3_server, uri))
+
+    proxy.clear()
+    rerun = _cli(_backfill_args(uri), through_proxy)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _table(uri, BACKFILL_COLUMNS, s3_server).equals(clean_backfill)
+    assert not _checkpoint(s3_server, uri)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="issue 22 finding 4: storage.remove_tree swallows the refused DELETE, so the job "
     "exits 0 leaving its finished checkpoint behind; the lead's engine fix makes this pass",
 )
-def test_refused_deletes_stop_the_job_and_the_rerun_finishes(s3_server, faulty_s3, clean_backfill):
-    """Every DELETE (single and bulk) is refused: the checkpoint cannot be cleaned up."""
+def test_refused_checkpoint_cleanup_stops_the_job_and_the_rerun_finishes(
+    s3_server, faulty_s3, clean_backfill
+):
+    """DELETEs of the checkpoint's parts and summaries are refused (its ``.tmp`` renames
+    pass): the job's work commits, but its checkpoint cannot be removed."""
     proxy, through_proxy = faulty_s3
-    uri = _sample(s3_server, "refused-delete.lance")
-    proxy.refuse("DELETE", rf"/{_prefix(uri)}")
+    uri = _sample(s3_server, "refused-cleanup.lance")
+    proxy.refuse("DELETE", rf"/{_prefix(uri)}_laion_ray/jobs/[^?]*(?<!\.tmp)(\?|$)")
     proxy.refuse("POST", r"\?delete")
     before = proxy.snapshot().get("refused", 0)
     first = _cli(_backfill_args(uri), through_proxy)
