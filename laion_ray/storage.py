@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import datetime as dt
 import os
 import re
 import threading
@@ -43,6 +44,10 @@ SECRET_WORDS = frozenset(
 # Checkpoint I/O: attempts and first backoff for transient errors (doubling).
 IO_ATTEMPTS = 6
 IO_BACKOFF_S = 0.1
+# pyarrow's S3 client (checkpoints, merge sources, reports): attempts per request
+# on 5xx, SlowDown and dropped connections. Its default, 3, gives up inside one
+# throttling burst; Lance's object_store makes 10 by default, and so do we.
+S3_ATTEMPTS = 10
 # Set to a local file path to have every process (Ray workers included) append
 # its I/O counts there; benchmarks read it (see ``io_counts``).
 IO_LOG_ENV = "LAION_RAY_IO_LOG"
@@ -281,10 +286,112 @@ def filesystem(uri: str, storage_options: Mapping[str, str] | None = None):
             endpoint_url = urlparse(endpoint)
             kwargs["endpoint_override"] = endpoint_url.netloc or endpoint
             kwargs["scheme"] = endpoint_url.scheme or "https"
-        fs = pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
+        fs = pafs.S3FileSystem(
+            **{k: v for k, v in kwargs.items() if v is not None},
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
+        )
         return fs, parsed.netloc + parsed.path
     fs, path = pafs.FileSystem.from_uri(uri)
     return fs, path
+
+
+# --- obstore: conditional writes (the job lease) -------------------------------------
+
+# Lance passes its storage options to the Rust object_store crate, which obstore
+# wraps too, so the store keys (aws_*, google_*, azure_* and their short aliases)
+# carry over as they are. obstore wants the HTTP client's keys apart, and
+# rejects keys that only Lance reads.
+_CLIENT_KEYS = frozenset(
+    {
+        "allow_http",
+        "allow_invalid_certificates",
+        "connect_timeout",
+        "default_content_type",
+        "http1_only",
+        "http2_only",
+        "pool_idle_timeout",
+        "pool_max_idle_per_host",
+        "proxy_url",
+        "proxy_ca_certificate",
+        "proxy_excludes",
+        "randomize_addresses",
+        "read_timeout",
+        "timeout",
+        "user_agent",
+    }
+)
+# Lance's own knobs (lance-io ObjectStoreParams); the retry pair sets obstore's retries.
+_LANCE_ONLY_KEYS = frozenset(
+    {
+        "client_max_retries",
+        "client_retry_timeout",
+        "download_retry_count",
+        "expires_at_millis",
+        "use_opendal",
+        "use_constant_size_upload_parts",
+        "aws_credential_refresh_offset",
+    }
+)
+_UNKNOWN_KEY = re.compile(r"Configuration key: '([^']+)' is not valid")
+
+
+def object_store(
+    uri: str,
+    storage_options: Mapping[str, str] | None = None,
+    *,
+    max_retries: int = 6,
+    retry_timeout_s: float = 20.0,
+    request_timeout_s: float = 10.0,
+):
+    """An obstore store rooted at ``uri``, from Lance-style ``storage_options``.
+
+    obstore covers every store Lance supports (local, S3 and S3-compatibles, GCS,
+    Azure) with one API, including atomic conditional writes
+    (``put(mode="create")``: ``If-None-Match: *`` on S3 and Azure, a generation
+    match on GCS, a no-replace link on local disk). Transient failures (5xx,
+    ``SlowDown``, dropped connections) are retried by object_store itself, with
+    backoff, for at most ``retry_timeout_s`` (Lance's ``client_max_retries`` and
+    ``client_retry_timeout`` options override the defaults), so a caller that
+    must act within a deadline (the lease's heartbeat) is not held for minutes.
+
+    Raises:
+        StorageError: The options do not make a store (e.g. unreadable credentials).
+    """
+    import obstore.exceptions
+    import obstore.store
+
+    opts = resolve_storage_options(storage_options)
+    if is_local(uri):
+        path = os.path.abspath(uri.removeprefix("file://"))
+        return obstore.store.LocalStore(path, mkdir=True)
+    client = {k: v for k, v in opts.items() if k in _CLIENT_KEYS}
+    client.setdefault("timeout", f"{request_timeout_s:g}s")
+    config = {k: v for k, v in opts.items() if k not in _CLIENT_KEYS | _LANCE_ONLY_KEYS}
+    retry = {
+        "max_retries": int(opts.get("client_max_retries", max_retries)),
+        "retry_timeout": dt.timedelta(
+            seconds=float(opts.get("client_retry_timeout", retry_timeout_s))
+        ),
+        "backoff": {
+            "init_backoff": dt.timedelta(milliseconds=50),
+            "max_backoff": dt.timedelta(seconds=2),
+            "base": 2,
+        },
+    }
+    for _ in range(len(config) + 1):
+        try:
+            return obstore.store.from_url(
+                uri, config=config, client_options=client, retry_config=retry
+            )
+        except obstore.exceptions.UnknownConfigurationKeyError as exc:
+            # An option only Lance (or another store type) reads: not ours to judge.
+            match = _UNKNOWN_KEY.search(str(exc))
+            if not match or match.group(1) not in config:
+                raise StorageError(f"storage options for {uri}: {brief(exc)}") from exc
+            config.pop(match.group(1))
+        except (obstore.exceptions.BaseError, ValueError) as exc:
+            raise StorageError(f"cannot open the store of {uri}: {brief(exc)}") from exc
+    raise AssertionError("unreachable")
 
 
 def remove_tree(uri: str, storage_options: Mapping[str, str] | None = None) -> None:

@@ -130,3 +130,31 @@ def s3_server():
         yield S3Server(endpoint, bucket)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def fault_proxy(s3_server):
+    """A :class:`fault_proxy.FaultProxy` in front of ``s3_server`` (no faults until told).
+
+    Yields ``(proxy, S3Server)``: the second names the same bucket with the
+    proxy as its endpoint, so jobs given its ``storage_options`` go through it.
+    """
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(s3_server.endpoint, seed=22).start()
+    try:
+        yield proxy, S3Server(proxy.endpoint, s3_server.bucket)
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def faulty_s3(fault_proxy):
+    """``fault_proxy`` with its refusals and stripped headers cleared after the test."""
+    proxy, server = fault_proxy
+    proxy.clear()
+    try:
+        yield proxy, server
+    finally:
+        proxy.clear()
+        proxy.rate = 0.0

@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 import lance
+import obstore
 import pytest
 
-from laion_ray.engine.lease import JobLease, LeaseHeld, LeaseLost
+from laion_ray.engine.lease import JobLease, LeaseHeld, LeaseLost, _name
+from laion_ray.errors import StorageError
 from laion_ray.sample import write_sample
+from laion_ray.storage import object_store
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -24,14 +27,24 @@ def _generations(lease: JobLease) -> list[int]:
     return lease._generations()
 
 
-def _remote_holder(lease: JobLease, generation: int, heartbeat_age_s: float = 0.0) -> None:
+def _write_holder(lease: JobLease, generation: int, holder: dict) -> None:
+    obstore.put(lease.store, _name(generation), json.dumps(holder).encode())
+
+
+def _read_holder(lease: JobLease, generation: int) -> dict:
+    return json.loads(bytes(obstore.get(lease.store, _name(generation)).bytes()))
+
+
+def _remote_holder(
+    lease: JobLease, generation: int, heartbeat_age_s: float = 0.0, **changes
+) -> dict:
     """A lease file as a driver on another host writes it (its pid means nothing here)."""
     now = time.time()
     holder = {"host": "other-host", "pid": 1, "run": "f" * 32, "since": now - 60,
               "heartbeat": now - heartbeat_age_s, "beats": 3, "released": False}  # fmt: skip
-    lease.fs.create_dir(lease.dir, recursive=True)
-    with lease.fs.open_output_stream(lease._path(generation)) as f:
-        f.write(json.dumps(holder).encode())
+    holder.update(changes)
+    _write_holder(lease, generation, holder)
+    return holder
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -100,10 +113,9 @@ def test_a_remote_holder_whose_heartbeat_moves_is_alive(root):
         beats = 3
         while not stop.wait(0.3):
             beats += 1
-            holder = json.loads(probe.fs.open_input_stream(probe._path(0)).read())
+            holder = _read_holder(probe, 0)
             holder.update(heartbeat=time.time(), beats=beats)
-            with probe.fs.open_output_stream(probe._path(0)) as f:
-                f.write(json.dumps(holder).encode())
+            _write_holder(probe, 0, holder)
 
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
@@ -122,12 +134,191 @@ def test_a_holder_that_stalled_past_expiry_learns_it_lost_the_lease(tmp_path):
     stalled._stop.set()
     stalled._thread.join()
     holder = {**stalled.holder, "host": "frozen-host", "heartbeat": time.time() - 5}
-    Path(stalled._path(0)).write_text(json.dumps(holder))
+    _write_holder(stalled, 0, holder)
     with JobLease(uri, "job", ttl_s=1.0) as successor:
         assert successor.generation == 1
         assert not stalled._beat()  # it wakes up and tries to renew
         with pytest.raises(LeaseLost, match="took the lease over"):
             stalled.check()
+
+
+def _stop_heartbeat(lease: JobLease) -> None:
+    """Freeze a holder's heartbeat thread (a GC pause, a frozen VM): its file stands still."""
+    lease._stop.set()
+    lease._thread.join()
+
+
+def _beating(lease: JobLease, generation: int, holder: dict, *, clock_offset_s: float):
+    """Another host's live heartbeat thread whose wall clock is ``clock_offset_s`` off."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(0.2):
+            holder.update(heartbeat=time.time() + clock_offset_s, beats=holder["beats"] + 1)
+            _write_holder(lease, generation, holder)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    return stop, thread
+
+
+@pytest.mark.parametrize("offset_s", [-3600.0, 3600.0])
+def test_a_live_remote_holder_with_a_skewed_clock_is_never_taken_over(root, offset_s):
+    """Its heartbeat moves: alive, however far its wall clock is from ours."""
+    uri, opts = root
+    contender = JobLease(uri, f"skew-alive-{offset_s:+.0f}", opts, ttl_s=2.0)
+    now = time.time() + offset_s
+    holder = _remote_holder(contender, 0, since=now - 60, heartbeat=now)
+    stop, thread = _beating(contender, 0, holder, clock_offset_s=offset_s)
+    try:
+        with pytest.raises(LeaseHeld, match="held by driver pid 1 on other-host"):
+            contender.acquire()
+    finally:
+        stop.set()
+        thread.join()
+    assert _generations(contender) == [0] and contender.generation is None
+
+
+@pytest.mark.parametrize("offset_s", [-3600.0, 3600.0])
+def test_a_dead_remote_holder_with_a_skewed_clock_expires_after_ttl_by_our_clock(root, offset_s):
+    """Its heartbeat stands still: taken over once we watched it for ``ttl_s``, not sooner."""
+    uri, opts = root
+    ttl_s = 2.0
+    contender = JobLease(uri, f"skew-dead-{offset_s:+.0f}", opts, ttl_s=ttl_s)
+    now = time.time() + offset_s
+    _remote_holder(contender, 3, since=now - 60, heartbeat=now - 30)
+    started = time.monotonic()
+    with contender:
+        waited = time.monotonic() - started
+        assert contender.generation == 4 and _generations(contender) == [4]
+    # A correctness bound, not a speed one: its clock said "stale" (or "fresh for
+    # an hour"); only our own watch of its beats may decide, and that takes ttl_s.
+    assert waited >= ttl_s
+
+
+def test_beat_notices_its_file_was_replaced_by_another_run(root):
+    """Same generation, another run (a store that ignored the create, a manual edit)."""
+    uri, opts = root
+    lease = JobLease(uri, "replaced", opts, ttl_s=5.0, heartbeat_s=0.2).acquire()
+    _stop_heartbeat(lease)
+    intruder = _remote_holder(lease, lease.generation, run="e" * 32)
+    assert not lease._beat()
+    with pytest.raises(LeaseLost, match="was replaced by run eeeeeeee"):
+        lease.check()
+    assert _read_holder(lease, lease.generation) == intruder  # it did not write over it
+    lease.release()
+    assert _read_holder(lease, lease.generation) == intruder  # nor when releasing
+
+
+def test_fence_passes_while_held_and_carries_a_token(root):
+    uri, opts = root
+    with JobLease(uri, "fenced", opts) as lease:
+        beats = _read_holder(lease, 0)["beats"]
+        token = lease.fence()
+        assert token == {"lease_generation": "0", "lease_run": lease.holder["run"]}
+        assert token == lease.token
+        # It went to the store: the file was renewed, not just memory consulted.
+        assert _read_holder(lease, 0)["beats"] == beats + 1
+
+
+def test_fence_raises_lease_lost_once_another_driver_took_over(root):
+    uri, opts = root
+    stalled = JobLease(uri, "taken", opts, ttl_s=1.0, heartbeat_s=0.2).acquire()
+    _stop_heartbeat(stalled)
+    _write_holder(stalled, 0, {**stalled.holder, "host": "frozen-host"})
+    with JobLease(uri, "taken", opts, ttl_s=1.0) as successor:
+        assert successor.generation == 1
+        assert stalled.lost is None  # its heartbeat never ran: only the fence can tell
+        with pytest.raises(LeaseLost, match="took the lease over"):
+            stalled.fence()
+        assert successor.fence()["lease_generation"] == "1"
+
+
+def test_fence_raises_lease_lost_when_its_file_holds_another_run(root):
+    uri, opts = root
+    lease = JobLease(uri, "swapped", opts, heartbeat_s=10.0).acquire()
+    _remote_holder(lease, 0, run="d" * 32)
+    with pytest.raises(LeaseLost, match="replaced by run dddddddd"):
+        lease.fence()
+    lease.release()
+
+
+def test_fence_refuses_after_renewals_stopped_for_longer_than_is_safe(tmp_path):
+    """No newer generation yet, but a contender may be about to take over: do not commit."""
+    lease = JobLease(str(tmp_path / "ckpt"), "late", ttl_s=1.0, heartbeat_s=0.2).acquire()
+    _stop_heartbeat(lease)
+    time.sleep(1.0)  # past ttl_s - heartbeat_s without a renewal
+    with pytest.raises(LeaseLost, match="could not renew its lease"):
+        lease.fence()
+    assert _generations(lease) == [0]
+
+
+def _listing_stale_once(lease: JobLease) -> None:
+    """This racer's first listing was taken before the other racer's create landed."""
+    real = lease._generations
+    calls = iter([lambda: []])
+    lease._generations = lambda: next(calls, real)()
+
+
+def test_a_store_that_ignores_conditional_create_never_has_two_holders(faulty_s3, tmp_path):
+    """Emulated with the proxy dropping ``If-None-Match``: the race two drivers would win."""
+    proxy, server = faulty_s3
+    uri = server.uri(f"leases-{tmp_path.name}")
+    # The same proxy, keeping the header: the lease works (the check is no false alarm).
+    JobLease(uri, "honoured", server.storage_options).acquire().release()
+    proxy.strip_header("If-None-Match")
+    holders, refused = [], []
+    for _ in range(2):  # both list "no generation", then both create generation 0
+        lease = JobLease(uri, "race", server.storage_options)
+        _listing_stale_once(lease)
+        try:
+            holders.append(lease.acquire())
+        except StorageError as exc:
+            refused.append(str(exc))
+    for lease in holders:
+        lease.release()
+    assert proxy.injected["stripped"] > 0  # the store really saw no conditional header
+    assert len(holders) <= 1, "two drivers hold the lease of one job"
+    assert refused and all("ignores conditional writes" in m for m in refused), refused
+
+
+def test_the_lease_rides_out_transient_store_faults(faulty_s3, tmp_path):
+    """5% of requests fail (500, 503, SlowDown, cut-off replies): acquire, fences, release."""
+    proxy, server = faulty_s3
+    uri = server.uri(f"leases-{tmp_path.name}")
+    before = proxy.injected_total()
+    with proxy.faults(rate=0.05):
+        for i in range(8):
+            with JobLease(uri, f"flaky-{i}", server.storage_options) as lease:
+                for _ in range(5):
+                    assert lease.fence()["lease_generation"] == "0"
+            assert _read_holder(lease, 0)["released"]
+    assert proxy.injected_total() > before  # faults were injected into these requests
+
+
+def test_object_store_takes_lance_style_options_for_every_store(tmp_path):
+    """Lance's option names map onto obstore (store keys, HTTP client keys, Lance-only keys)."""
+    s3 = object_store(
+        "s3://bucket/ckpt/leases/job",
+        {"aws_access_key_id": "AKIA", "aws_secret_access_key": "s3cr3t",
+         "aws_endpoint": "http://127.0.0.1:9", "aws_region": "eu-west-1",
+         "allow_http": "true", "download_retry_count": "3", "client_max_retries": "2"},
+    )  # fmt: skip
+    assert s3.config["access_key_id"] == "AKIA" and s3.config["region"] == "eu-west-1"
+    assert s3.config["endpoint"] == "http://127.0.0.1:9"
+    assert s3.client_options["allow_http"] == "true" and s3.retry_config["max_retries"] == 2
+    assert s3.prefix == "ckpt/leases/job"
+    gcs = object_store("gs://bucket/ckpt", {"google_skip_signature": "true", "timeout": "7s"})
+    assert gcs.config["skip_signature"] == "true" and gcs.client_options["timeout"] == "7s"
+    for key_name in ("azure_storage_account_key", "account_key", "access_key"):
+        azure = object_store(
+            "az://container/ckpt",
+            {"azure_storage_account_name": "acct", key_name: "c2VjcmV0", "allow_http": "true"},
+        )
+        assert azure.config["account_name"] == "acct" and azure.config["account_key"] == "c2VjcmV0"
+        assert azure.config["container_name"] == "container"
+    local = object_store(str(tmp_path / "a" / "b"))
+    assert (tmp_path / "a" / "b").is_dir() and local.prefix is not None
 
 
 # --- real drivers (the CLI in subprocesses, local executor: no Ray start) ----------

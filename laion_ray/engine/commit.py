@@ -96,14 +96,15 @@ def commit(
     details: Mapping[str, object],
     storage_options: Mapping[str, str] | None = None,
     commit_id: str | None = None,
-    before_commit: Callable[[], None] | None = None,
+    before_commit: Callable[[], Mapping[str, str]] | None = None,
 ) -> lance.LanceDataset:
     """Commit ``build(latest)`` at the newest version, rebuilding it on conflict.
 
     ``build`` returns ``None`` when there is nothing left to do at that version.
     ``before_commit`` runs right before every attempt (the lease's fence: a
-    driver that lost its lease must not commit). ``commit_id`` is recorded in
-    the transaction properties (:data:`COMMIT_PROPERTY`).
+    driver that lost its lease must not commit); what it returns (the lease's
+    token) goes into the transaction properties, as does ``commit_id``
+    (:data:`COMMIT_PROPERTY`).
     """
     opts = resolve_storage_options(storage_options)
     properties = {JOB_PROPERTY: job, DETAILS_PROPERTY: json.dumps(details, default=str)}
@@ -117,15 +118,16 @@ def commit(
             continue
         if operation is None:
             return latest
+        fenced = dict(properties)
         if before_commit is not None:
-            before_commit()
+            fenced.update({f"laion_ray.{k}": v for k, v in before_commit().items()})
         try:
             return lance.LanceDataset.commit(
                 uri,
                 Transaction(
                     read_version=latest.version,
                     operation=operation,
-                    transaction_properties=properties,
+                    transaction_properties=fenced,
                 ),
                 storage_options=opts,
                 max_retries=0,  # we rebuild the operation ourselves on conflict
@@ -144,7 +146,7 @@ def add_columns(
     job: str,
     details: Mapping[str, object],
     storage_options: Mapping[str, str] | None = None,
-    before_commit: Callable[[], None] | None = None,
+    before_commit: Callable[[], Mapping[str, str]] | None = None,
 ) -> lance.LanceDataset:
     """Add all-null columns (metadata only) on top of the newest schema."""
 
@@ -199,7 +201,7 @@ def replace_column_files(
     storage_options: Mapping[str, str] | None = None,
     reassemble: Callable[[Sequence[int]], Mapping[int, ColumnFile]] | None = None,
     commit_id: str | None = None,
-    before_commit: Callable[[], None] | None = None,
+    before_commit: Callable[[], Mapping[str, str]] | None = None,
 ) -> lance.LanceDataset:
     """Swap in new column files, never over values newer than they were built from.
 

@@ -6,24 +6,57 @@ delete the checkpoint under the second. So a driver first takes the job's
 lease and holds it until it returns.
 
 Layout: ``<checkpoint root>/leases/<fingerprint>/<generation>.json``. Each
-file is a holder (host, pid, run id, since, heartbeat). A generation is taken
-by an atomic create-if-absent: ``open(O_CREAT | O_EXCL)`` on local disk, a PUT
-with ``If-None-Match: *`` on S3 (read back, for stores that ignore the
-header). So when a lease has expired and several drivers try to take the
-next generation, exactly one gets it. The holder rewrites its own file every
-``HEARTBEAT_S``; a holder that sees a newer generation has lost the lease and
-stops before its next commit. The files live beside the job's checkpoint
-directory, not in it, so removing a finished job's checkpoint never resets
-the generations; a released lease stays as one small file per job.
+file is a holder (host, pid, run id, since, heartbeat sequence number
+``beats``). The files live beside the job's checkpoint directory, not in it,
+so removing a finished job's checkpoint never resets the generations; a
+released lease stays as one small file per job.
 
-A driver that finds the lease held:
+**Taking a generation** is an atomic create-if-absent through obstore's
+``put(mode="create")`` (the Rust object_store crate, as Lance uses): a
+no-replace link on local disk (the same guarantee as ``O_EXCL``),
+``If-None-Match: *`` on S3 and Azure, ``x-goog-if-generation-match: 0`` on
+GCS. Of several drivers racing for the next generation exactly one gets it.
+A create whose reply was lost and that object_store retried comes back as
+"already exists": the file is then read, and it is ours if it holds our bytes.
 
-- exits with :class:`LeaseHeld` (who holds it, since when) once it sees the
-  holder is alive: the holder's pid runs on this host, or its heartbeat moves;
-- takes it over once it is released or expired: no heartbeat for
-  ``LEASE_TTL_S`` (by the holder's clock or by watching it), or, on the same
-  host, the holder's pid is gone. A rerun after a SIGKILL therefore starts at
-  once on the same host and waits at most ``LEASE_TTL_S`` elsewhere.
+**A store that accepts but ignores the conditional header** (some
+S3-compatible servers, or a proxy that drops it) would let every racer
+"create" the same generation, and a read-back cannot tell (each racer may read
+its own write before the next one lands). Nothing built from plain PUTs and
+GETs on such a store is safe, so the lease refuses to run there: before every
+acquisition it creates a probe object twice, and a second create that succeeds
+raises :class:`ConditionalWritesIgnored` (a :class:`StorageError`, exit 1)
+naming the store; putting the checkpoint on a store that honours conditional
+writes (``--checkpoint-uri``) is the way out. The probe costs three requests
+per job start.
+
+**Heartbeat.** The holder renews its file every ``HEARTBEAT_S``, incrementing
+``beats``. Each renewal first checks that no newer generation exists and that
+its file still holds its own run, then replaces it conditionally on the e-tag
+it just read (local disk, which has no e-tags, overwrites what it read). A
+renewal that finds either changed marks the lease lost: the holder stops
+before its next commit.
+
+**Expiry is judged by the contender's own clock**, never by comparing wall
+clocks across hosts. A driver that finds the lease held:
+
+- takes it over at once when the holder has ``released`` it, or, on the same
+  host, when the holder's pid is gone (a rerun after a SIGKILL starts at once);
+- exits with :class:`LeaseHeld` (who holds it, since when) as soon as it sees
+  the holder alive: its pid runs on this host, or its ``beats`` move;
+- takes it over when ``beats`` has not moved for ``LEASE_TTL_S`` by its own
+  monotonic clock (on another host a rerun waits that long).
+
+**Fencing.** The write-back calls :meth:`JobLease.fence` right before every
+commit and puts :attr:`JobLease.token` (generation and run id) into the
+commit's transaction properties. ``fence`` renews the lease synchronously, so
+it re-reads the store: it raises :class:`LeaseLost` unless this driver still
+holds the newest generation with its own run, and also when its last
+successful renewal is older than ``ttl_s - heartbeat_s`` (a contender watching
+a stalled holder may be about to take over). A commit that follows a
+successful ``fence`` therefore starts inside a lease that no other driver can
+take for at least ``heartbeat_s``; the heartbeat thread keeps renewing while
+the commit runs, and the token records which lease each commit ran under.
 """
 
 from __future__ import annotations
@@ -37,24 +70,41 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from urllib.parse import urlparse
+from typing import TypeVar
 
-import pyarrow.fs as pafs
+import obstore
+from obstore.exceptions import (
+    AlreadyExistsError,
+    BaseError,
+    InvalidPathError,
+    NotSupportedError,
+    PermissionDeniedError,
+    PreconditionError,
+    UnauthenticatedError,
+)
+from obstore.store import LocalStore
 
-from laion_ray.errors import JobFailed
-from laion_ray.storage import filesystem, is_local, join_uri, resolve_storage_options
+from laion_ray.errors import JobFailed, StorageError, brief
+from laion_ray.storage import join_uri, object_store, resolve_storage_options
 
 log = logging.getLogger(__name__)
 
 LEASE_TTL_S = 20.0
 HEARTBEAT_S = 5.0
 POLL_S = 0.5
-SETTLE_S = 1.0  # write-then-read-back on stores without conditional writes
-
+# Lease requests that fail transiently in a way object_store does not retry
+# itself (a reply cut off mid-body) get this many attempts.
+IO_ATTEMPTS = 4
+IO_BACKOFF_S = 0.1
 
 UNREADABLE = {"host": "?", "pid": -1, "run": "?", "since": 0.0, "beats": -1, "released": False}
+# Errors no retry fixes; they surface at once as a StorageError.
+_PERMANENT = (PermissionDeniedError, UnauthenticatedError, InvalidPathError, NotSupportedError)
+_EXISTS = (AlreadyExistsError, PreconditionError)
+
+T = TypeVar("T")
 
 
 class LeaseHeld(JobFailed):
@@ -62,7 +112,11 @@ class LeaseHeld(JobFailed):
 
 
 class LeaseLost(JobFailed):
-    """This driver stopped heartbeating long enough for another to take over."""
+    """Another driver took the lease over, or this one could not renew it in time."""
+
+
+class ConditionalWritesIgnored(StorageError):
+    """The store accepted a create-if-absent of an object that exists: no lease is safe there."""
 
 
 def _now() -> float:
@@ -90,8 +144,10 @@ class JobLease:
     """The lease of one job; use as a context manager around the driver's work.
 
     Examples:
-        >>> with JobLease(root, fingerprint, storage_options):  # doctest: +SKIP
-        ...     run_the_job()
+        >>> with JobLease(root, fingerprint, storage_options) as lease:  # doctest: +SKIP
+        ...     plan_and_run()
+        ...     lease.fence()  # right before each commit
+        ...     commit(properties=lease.token)
     """
 
     def __init__(
@@ -103,11 +159,16 @@ class JobLease:
         ttl_s: float = LEASE_TTL_S,
         heartbeat_s: float = HEARTBEAT_S,
     ):
+        # Renew several times per ttl, so one slow renewal never lets it expire.
+        self.ttl_s, self.heartbeat_s = ttl_s, min(heartbeat_s, ttl_s / 4)
         self.uri = join_uri(root, "leases", fingerprint)
         self.fingerprint = fingerprint
-        self.opts = resolve_storage_options(storage_options)
-        self.ttl_s, self.heartbeat_s = ttl_s, heartbeat_s
-        self.fs, self.dir = filesystem(self.uri, self.opts)
+        # A renewal must give up well before the lease would expire.
+        self.store = object_store(
+            self.uri,
+            resolve_storage_options(storage_options),
+            retry_timeout_s=max(2.0, self.heartbeat_s),
+        )
         self.holder = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -119,6 +180,9 @@ class JobLease:
         }
         self.generation: int | None = None
         self.lost: str | None = None
+        self._last_ok = 0.0  # monotonic time of this driver's last successful write
+        self._local = isinstance(self.store, LocalStore)
+        self._lock = threading.Lock()  # one renewal at a time: heartbeat thread vs fence
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -128,31 +192,33 @@ class JobLease:
 
         Raises:
             LeaseHeld: A live driver holds it.
+            ConditionalWritesIgnored: The store cannot make the lease safe.
+            StorageError: The store kept failing.
         """
-        watched: dict[int, tuple[int, float]] = {}  # generation -> (beats, first seen)
+        if not self._local:
+            self._check_conditional_create()
+        watched: dict[int, tuple[int, float]] = {}  # generation -> (beats, since when unchanged)
         while True:
             generations = self._generations()
             candidate = 0
             if generations:
                 top = generations[-1]
-                # None: being written this instant (look again), or unreadable for
-                # good (then it expires by watching, like a silent holder).
-                holder = self._read(top) or {**UNREADABLE, "heartbeat": _now()}
-                beats, first_seen = watched.setdefault(top, (holder["beats"], time.monotonic()))
-                if not self._expired(holder, beats, first_seen):
-                    if holder["beats"] != beats or self._alive_here(holder):
-                        raise LeaseHeld(self._held_message(holder))
+                holder = self._read(top)
+                if holder is None:  # deleted by a driver taking over meanwhile: look again
+                    time.sleep(POLL_S / 5)
+                    continue
+                if not self._free(top, holder, watched):
                     time.sleep(POLL_S)
                     continue
-                log.info("taking over the expired lease of job %s: %s", self.fingerprint, holder)
+                log.info("taking over the lease of job %s from %s", self.fingerprint, holder)
                 candidate = top + 1
             now = _now()
-            self.holder.update(since=now, heartbeat=now)
+            self.holder.update(since=now, heartbeat=now, beats=0, released=False)
             if self._create(candidate):
                 self.generation = candidate
                 for old in generations:
-                    with contextlib.suppress(OSError):
-                        self.fs.delete_file(self._path(old))
+                    with contextlib.suppress(StorageError, FileNotFoundError):
+                        self._io("delete", lambda g=old: obstore.delete(self.store, _name(g)))
                 self._thread = threading.Thread(
                     target=self._heartbeat, name="laion-ray-lease", daemon=True
                 )
@@ -160,8 +226,41 @@ class JobLease:
                 return self
             # Another driver took this generation first: look at it.
 
+    @property
+    def token(self) -> dict[str, str]:
+        """The fencing token for a commit's transaction properties (strings, as Lance wants)."""
+        return {"lease_generation": str(self.generation), "lease_run": self.holder["run"]}
+
+    def fence(self) -> dict[str, str]:
+        """Check, on the store, that this driver still holds the lease; call right before a commit.
+
+        Renews the lease synchronously: re-reads the store and rewrites this
+        driver's file. Returns :attr:`token`.
+
+        Raises:
+            LeaseLost: A newer generation exists, this driver's file no longer
+                holds its run, or its last renewal is too old to be sure no
+                contender has judged it expired.
+            StorageError: The store kept failing.
+        """
+        with self._lock:
+            self.check()
+            if self._taken_over():
+                raise LeaseLost(self.lost)
+            stale = time.monotonic() - self._last_ok
+            if stale > self.ttl_s - self.heartbeat_s:
+                self.lost = (
+                    f"job {self.fingerprint}: this driver could not renew its lease for "
+                    f"{stale:.0f}s (a contender takes it over after {self.ttl_s:.0f}s without a "
+                    f"heartbeat); it stops before committing"
+                )
+                raise LeaseLost(self.lost)
+            if not self._beat():
+                raise LeaseLost(self.lost)
+        return self.token
+
     def check(self) -> None:
-        """Raise :class:`LeaseLost` if another driver has taken the lease over."""
+        """Raise :class:`LeaseLost` if the heartbeat found the lease lost (no store access)."""
         if self.lost:
             raise LeaseLost(self.lost)
 
@@ -172,10 +271,11 @@ class JobLease:
         self._stop.set()
         self._thread.join()
         self._thread = None
-        if not self.lost:
-            self.holder.update(released=True, heartbeat=_now())
-            with contextlib.suppress(OSError):
-                self._write(self.generation)
+        with self._lock:
+            if not self.lost:
+                self.holder.update(released=True, heartbeat=_now())
+                with contextlib.suppress(StorageError, OSError):
+                    self._renew()
 
     def __enter__(self) -> JobLease:
         return self.acquire()
@@ -183,130 +283,215 @@ class JobLease:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    # --- holder state -----------------------------------------------------------
-    def _expired(self, holder: dict, beats: int, first_seen: float) -> bool:
-        if holder["released"] or _now() - holder["heartbeat"] > self.ttl_s:
-            return True
-        if holder["host"] == self.holder["host"] and not _pid_alive(holder["pid"]):
-            return True  # its driver died on this host: no need to wait
-        # Clocks may differ between hosts: also expire what we saw stand still.
-        return holder["beats"] == beats and time.monotonic() - first_seen > self.ttl_s
+    # --- contender's view ---------------------------------------------------------
+    def _free(self, generation: int, holder: dict, watched: dict) -> bool:
+        """Whether the holder of ``generation`` can be taken over now.
 
-    def _alive_here(self, holder: dict) -> bool:
-        return holder["host"] == self.holder["host"] and _pid_alive(holder["pid"])
+        Raises:
+            LeaseHeld: The holder is alive.
+        """
+        if holder["released"]:
+            return True
+        same_host = holder["host"] == self.holder["host"]
+        if same_host and not _pid_alive(holder["pid"]):
+            return True  # its driver died on this host: no need to wait
+        seen = watched.get(generation)
+        if seen is None:
+            watched[generation] = (holder["beats"], time.monotonic())
+            if same_host:
+                raise LeaseHeld(self._held_message(holder))
+            return False
+        if holder["beats"] != seen[0]:
+            raise LeaseHeld(self._held_message(holder))
+        # Only our own clock: how long we have watched its beats stand still.
+        return time.monotonic() - seen[1] > self.ttl_s
 
     def _held_message(self, holder: dict) -> str:
         return (
             f"job {self.fingerprint} is already running: its lease is held by driver pid "
             f"{holder['pid']} on {holder['host']} (run {holder['run'][:8]}) since "
-            f"{_iso(holder['since'])}, last heartbeat {max(0.0, _now() - holder['heartbeat']):.0f}s "
-            f"ago. Wait for it to finish or stop it; a dead driver's lease expires "
-            f"{self.ttl_s:.0f}s after its last heartbeat ({self.uri})"
+            f"{_iso(holder['since'])} by its clock, heartbeat {holder['beats']}. Wait for it to "
+            f"finish or stop it; a dead driver's lease expires {self.ttl_s:.0f}s after its last "
+            f"heartbeat is seen, at once on its own host ({self.uri})"
         )
 
+    # --- holder's side --------------------------------------------------------------
     def _heartbeat(self) -> None:
-        last_ok = time.monotonic()
         while not self._stop.wait(self.heartbeat_s):
             try:
-                if not self._beat():
-                    return
-                last_ok = time.monotonic()
-            except OSError as exc:  # transient: keep trying until the lease would expire
+                with self._lock:
+                    if self.lost or not self._beat():
+                        return
+            except (StorageError, OSError) as exc:  # keep trying until the lease would expire
                 log.warning("lease heartbeat of job %s failed: %s", self.fingerprint, exc)
-                if time.monotonic() - last_ok > self.ttl_s:
+                if time.monotonic() - self._last_ok > self.ttl_s:
                     self.lost = (
                         f"job {self.fingerprint}: no lease heartbeat could be written for "
-                        f"{self.ttl_s:.0f}s ({exc}); this driver stops"
+                        f"{self.ttl_s:.0f}s ({brief(exc)}); this driver stops"
                     )
                     return
 
-    def _beat(self) -> bool:
-        """Renew the lease once; False, with :attr:`lost` set, if another driver took it."""
+    def _taken_over(self) -> bool:
+        """Whether a newer generation exists (then :attr:`lost` says who took it)."""
         newer = self._generations()
-        if newer and newer[-1] > self.generation:
-            holder = self._read(newer[-1]) or UNREADABLE
-            self.lost = (
-                f"job {self.fingerprint}: driver pid {holder['pid']} on {holder['host']} "
-                f"took the lease over after this driver missed its heartbeats for "
-                f"{self.ttl_s:.0f}s; this driver stops"
-            )
+        if not newer or newer[-1] <= self.generation:
+            return False
+        holder = self._read(newer[-1]) or UNREADABLE
+        self.lost = (
+            f"job {self.fingerprint}: driver pid {holder['pid']} on {holder['host']} "
+            f"took the lease over (generation {newer[-1]}) after this driver's heartbeat "
+            f"stood still for {self.ttl_s:.0f}s; this driver stops"
+        )
+        return True
+
+    def _beat(self) -> bool:
+        """Renew the lease once (lock held); False, with :attr:`lost` set, if it was lost."""
+        if self._taken_over():
             return False
         self.holder.update(heartbeat=_now(), beats=self.holder["beats"] + 1)
-        self._write(self.generation)
+        return self._renew()
+
+    def _renew(self) -> bool:
+        """Rewrite this driver's file if it still holds this run; False (lost) if not."""
+        name = _name(self.generation)
+        current = self._get(name)
+        theirs = _parse(current[0]) if current else None
+        if theirs is None or theirs.get("run") != self.holder["run"]:
+            who = (
+                "deleted"
+                if current is None
+                else f"replaced by run {str(theirs and theirs.get('run'))[:8]}"
+            )
+            self.lost = (
+                f"job {self.fingerprint}: this driver's lease file (generation "
+                f"{self.generation}) was {who}; this driver stops"
+            )
+            return False
+        body = self._body()
+        if self._local:  # no e-tags on local disk; only this run writes its generation there
+            self._io("renew", lambda: obstore.put(self.store, name, body, mode="overwrite"))
+        else:
+            try:
+                self._io(
+                    "renew",
+                    lambda: obstore.put(self.store, name, body, mode={"e_tag": current[1]}),
+                )
+            except _EXISTS:
+                landed = self._get(name)
+                if landed is None or landed[0] != body:  # changed under us, not a retried write
+                    self.lost = (
+                        f"job {self.fingerprint}: this driver's lease file (generation "
+                        f"{self.generation}) changed while it renewed it; this driver stops"
+                    )
+                    return False
+        self._last_ok = time.monotonic()
         return True
 
     # --- storage ----------------------------------------------------------------
-    def _path(self, generation: int) -> str:
-        return f"{self.dir}/{generation:012d}.json"
+    def _io(self, what: str, fn: Callable[[], T]) -> T:
+        """One lease request: object_store retries 5xx itself; retry a cut-off reply too."""
+        for attempt in range(IO_ATTEMPTS):
+            try:
+                return fn()
+            except (FileNotFoundError, *_EXISTS):
+                raise
+            except _PERMANENT as exc:
+                raise StorageError(f"lease {what} at {self.uri} failed: {brief(exc)}") from exc
+            except (BaseError, OSError) as exc:
+                if attempt == IO_ATTEMPTS - 1:
+                    raise StorageError(
+                        f"lease {what} at {self.uri} failed {IO_ATTEMPTS} times: {brief(exc)}"
+                    ) from exc
+                time.sleep(IO_BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _body(self) -> bytes:
+        return json.dumps(self.holder, sort_keys=True).encode()
 
     def _generations(self) -> list[int]:
-        selector = pafs.FileSelector(self.dir, allow_not_found=True)
+        def listing() -> list[str]:
+            return [meta["path"] for chunk in obstore.list(self.store) for meta in chunk]
+
         try:
-            names = [info.base_name for info in self.fs.get_file_info(selector)]
+            names = self._io("list", listing)
         except FileNotFoundError:
-            # pyarrow's local listing fails, despite allow_not_found, when the
-            # directory is missing as it lists and a racing driver creates it
-            # before pyarrow checks again: there was no generation yet.
             return []
-        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+        stems = (n.rsplit("/", 1)[-1].removesuffix(".json") for n in names if n.endswith(".json"))
+        return sorted(int(s) for s in stems if s.isdigit())
+
+    def _get(self, name: str) -> tuple[bytes, str | None] | None:
+        """``(bytes, e-tag)`` of ``name``, or None if it does not exist."""
+
+        def get() -> tuple[bytes, str | None]:
+            result = obstore.get(self.store, name)
+            return bytes(result.bytes()), result.meta.get("e_tag")
+
+        try:
+            return self._io("read", get)
+        except FileNotFoundError:
+            return None
 
     def _read(self, generation: int) -> dict | None:
-        try:
-            with self.fs.open_input_stream(self._path(generation)) as f:
-                return json.loads(f.read().decode())
-        except FileNotFoundError:
+        """The holder of ``generation``; None if absent, :data:`UNREADABLE` if garbled."""
+        found = self._get(_name(generation))
+        if found is None:
             return None
-        except ValueError:  # a local create seen before its bytes: look again
-            return None
-
-    def _write(self, generation: int) -> None:
-        with self.fs.open_output_stream(self._path(generation)) as f:
-            f.write(json.dumps(self.holder).encode())
+        return _parse(found[0]) or {**UNREADABLE}
 
     def _create(self, generation: int) -> bool:
         """Create ``generation`` if absent; True if this driver's file is the one there."""
-        path, body = self._path(generation), json.dumps(self.holder).encode()
-        if is_local(self.uri):
-            os.makedirs(self.dir, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+        name, body = _name(generation), self._body()
+        try:
+            self._io("create", lambda: obstore.put(self.store, name, body, mode="create"))
+        except _EXISTS:
+            theirs = self._get(name)
+            if theirs is None or theirs[0] != body:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-            return True
-        if urlparse(self.uri).scheme in ("s3", "s3a"):
-            if not _s3_put_if_absent(path, body, self.opts):
-                return False
-        else:  # no conditional create in pyarrow: write, let racers land, read back
-            if self._read(generation) is not None:
-                return False
-            self._write(generation)
-            time.sleep(SETTLE_S)
-        # Read back: guards stores that accept but ignore If-None-Match.
-        theirs = self._read(generation)
-        return theirs is not None and theirs["run"] == self.holder["run"]
+            # Our own first attempt landed and its reply was lost: it is ours.
+        self._last_ok = time.monotonic()
+        return True
+
+    def _check_conditional_create(self) -> None:
+        """Refuse a store that accepts a create-if-absent of an existing object."""
+        probe = f"probe-{self.holder['run']}.json"
+        with contextlib.suppress(*_EXISTS):  # a retried first create finds itself
+            self._io("probe", lambda: obstore.put(self.store, probe, b"1", mode="create"))
+        try:
+            self._io("probe", lambda: obstore.put(self.store, probe, b"2", mode="create"))
+            ignored = True
+        except _EXISTS:
+            ignored = False
+        except (NotImplementedError, StorageError) as exc:
+            cause = exc.__cause__ if isinstance(exc, StorageError) else exc
+            if not isinstance(cause, NotSupportedError | NotImplementedError):
+                raise
+            raise ConditionalWritesIgnored(
+                f"the store of {self.uri} has no conditional create ({brief(cause)}); {_WAY_OUT}"
+            ) from exc
+        finally:
+            with contextlib.suppress(StorageError, FileNotFoundError):
+                self._io("delete", lambda: obstore.delete(self.store, probe))
+        if ignored:
+            raise ConditionalWritesIgnored(
+                f"the store of {self.uri} accepted a create-if-absent (If-None-Match: *) of an "
+                f"object that already exists: it ignores conditional writes, so two drivers "
+                f"of one job could both take its lease; {_WAY_OUT}"
+            )
 
 
-def _s3_put_if_absent(path: str, body: bytes, opts: Mapping[str, str]) -> bool:
-    """PUT with ``If-None-Match: *`` (S3 and compatible stores); False if the key exists."""
-    import boto3
-    from botocore.exceptions import ClientError
+_WAY_OUT = (
+    "put the job's checkpoint on a store that honours them (--checkpoint-uri: local disk, "
+    "AWS S3, GCS, Azure, or an S3-compatible server with conditional writes)"
+)
 
-    client = boto3.session.Session().client(  # a session per call: thread-safe
-        "s3",
-        endpoint_url=opts.get("aws_endpoint") or opts.get("endpoint") or None,
-        aws_access_key_id=opts.get("aws_access_key_id"),
-        aws_secret_access_key=opts.get("aws_secret_access_key"),
-        aws_session_token=opts.get("aws_session_token"),
-        region_name=opts.get("aws_region") or opts.get("region") or "us-east-1",
-    )
-    bucket, _, key = path.partition("/")
+
+def _name(generation: int) -> str:
+    return f"{generation:012d}.json"
+
+
+def _parse(body: bytes) -> dict | None:
     try:
-        client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
-    except ClientError as exc:
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if status in (409, 412):  # exists, or a concurrent conditional write won
-            return False
-        raise
-    return True
+        holder = json.loads(body.decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return holder if isinstance(holder, dict) and "run" in holder else None

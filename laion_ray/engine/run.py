@@ -386,7 +386,7 @@ class _Run:
         self.writeback = WriteBack(
             job, manifest, checkpoint, self.plan, self.ledger,
             run_tasks=lambda fn, args: self.executor.map(fn, args),
-            fence=lease.check, identity=self.identity, root=root,
+            fence=lease.fence, identity=self.identity, root=root,
             retry_errors=retry_errors, storage_options=self.storage_options,
         )  # fmt: skip
         evidence: list[str] = []

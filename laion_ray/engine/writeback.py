@@ -88,7 +88,8 @@ class WriteBack:
             runs work (Ray tasks, or threads), returning each result or the
             exception it raised.
         fence: Called right before every commit; raises if this driver lost
-            its lease.
+            its lease, else returns the lease's token for the commit's
+            properties (:meth:`.lease.JobLease.fence`).
         identity: ``dataset``, ``scope`` (whose errors it reads), ``job``
             (fingerprint), ``plan`` and ``run`` ids.
         root: The checkpoint root (the errors table lives there).
@@ -105,7 +106,7 @@ class WriteBack:
         ledger: ckpt.UnitLedger,
         *,
         run_tasks: Callable[[Callable, list[tuple]], list[Any]],
-        fence: Callable[[], None],
+        fence: Callable[[], Mapping[str, str]],
         identity: Mapping[str, str | None],
         root: str,
         retry_errors: bool,
