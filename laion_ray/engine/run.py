@@ -379,6 +379,8 @@ class _Run:
         self.units_per_task = 1
         self.identity = {
             "dataset": dataset_identity(job.uri),
+            # Whose errors this job reads: see error_log.dataset_scope.
+            "scope": None if root == checkpoint_root(job.uri) else dataset_identity(job.uri),
             "job": checkpoint.fingerprint,
             "plan": manifest["plan"],
             "run": self.run_id,
@@ -441,7 +443,7 @@ class _Run:
         if not self.retry_errors:
             self.known_bad = failed_keys_by_fragment(
                 self.root, self.job.producers, self.storage_options,
-                dataset=self.identity["dataset"], exclude_plan=self.identity["plan"],
+                dataset=self.identity["scope"], exclude_plan=self.identity["plan"],
             )  # fmt: skip
         self.report.rows_skipped_failed = sum(
             len(v.keys) for f, v in self.known_bad.items() if f in self.states
