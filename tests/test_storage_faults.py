@@ -232,8 +232,8 @@ def test_refused_lease_writes_stop_the_job_before_it_plans(s3_server, faulty_s3,
 def test_refused_deletes_stop_the_job_at_once_and_the_rerun_finishes(
     s3_server, faulty_s3, clean_backfill
 ):
-    """Every DELETE (single and bulk) is refused: the first one, pyarrow's rename of
-    ``job.json`` (copy, then delete), stops the job before any work."""
+    """Every DELETE (single and bulk) is refused: the first one, of a committed
+    fragment's parts, stops the job with its cause, the checkpoint intact."""
     proxy, through_proxy = faulty_s3
     uri = _sample(s3_server, "refused-delete.lance")
     proxy.refuse("DELETE", rf"/{_prefix(uri)}")
@@ -241,7 +241,7 @@ def test_refused_deletes_stop_the_job_at_once_and_the_rerun_finishes(
     before = proxy.snapshot().get("refused", 0)
     line = _one_failure_line(_cli(_backfill_args(uri), through_proxy))
     assert proxy.snapshot()["refused"] > before
-    assert "DeleteObject" in line and "job.json" in line, line
+    assert "DeleteObject" in line and "/parts/" in line, line
     assert any(k.endswith("/job.json") for k in _checkpoint(s3_server, uri))
 
     proxy.clear()

@@ -291,7 +291,6 @@ def _finish(job, checkpoint, lease, report, tag, storage_options) -> None:
         failpoint("job.after_tag")
     lease.check()
     checkpoint.remove()
-    failpoint("job.after_remove_checkpoint")
 
 
 class _Run:
