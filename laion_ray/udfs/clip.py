@@ -31,15 +31,13 @@ import pyarrow.compute as pc
 
 from laion_ray.clip_model import (
     DEFAULT_MODEL,
+    ModelSpec,
     autocast,
-    check_source,
-    clip_spec,
+    check_device,
     default_embedding_column,
     embed_texts,
-    load_clip_in_actor,
     model_slug,
     pixel_column,
-    resolve_precision,
     unit_float32,
 )
 from laion_ray.errors import LaionRayError
@@ -141,37 +139,26 @@ class ClipEmbed:
     def __init__(
         self,
         *,
-        model: str,
-        pretrained: str | None,
-        checkpoint: str | None,
-        random_weights: bool,
-        seed: int,
         device: str | None,
-        precision: str | None,
         num_threads: int | None,
         pixel_column: str,
         size: Sequence[int],
         column: str,
         caption_input: str | None = None,
         caption_column: str | None = None,
+        **spec_params: Any,
     ) -> None:
         import torch
 
-        self.net, _, self.tokenizer, self.info = load_clip_in_actor(
-            model,
-            pretrained=pretrained,
-            checkpoint=checkpoint,
-            allow_random=random_weights,
-            device=device,
-            precision=precision,
-            seed=seed,
-            num_threads=num_threads,
+        spec = ModelSpec(**spec_params)
+        self.net, _, self.tokenizer, self.info = spec.load_in_actor(
+            device=device, num_threads=num_threads
         )
         cfg = self.info["preprocess_cfg"]
         loaded = PixelSpec.from_preprocess_cfg(cfg).size
         if loaded != tuple(size):
             raise LaionRayError(
-                f"model {model!r} expects {loaded} pixels but the stage was planned for {size}"
+                f"model {spec.model!r} expects {loaded} pixels but the stage was planned for {size}"
             )
         self.device = torch.device(self.info["device"])
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.info["precision"])
@@ -266,20 +253,17 @@ def make_clip_embed(
         LaionRayError: a bad argument, unknown model or tag, missing checkpoint,
             or no weights named without ``random_weights``.
     """
-    model = check_name(model, "model")
-    check_source(model, pretrained, checkpoint, bool(random_weights))
-    embed_dim, cfg = clip_spec(model, pretrained)
+    weights = ModelSpec(model, pretrained, checkpoint, random_weights, seed, precision).checked()
+    embed_dim, cfg = weights.config()
     spec = PixelSpec.from_preprocess_cfg(cfg)
-    column = check_name(column or default_embedding_column(model), "column")
+    column = check_name(column or default_embedding_column(weights.model), "column")
     if captions:
         caption_column = check_name(
-            caption_column or f"caption_emb_{model_slug(model)}", "caption_column"
+            caption_column or f"caption_emb_{model_slug(weights.model)}", "caption_column"
         )
         if caption_column == column:
             raise LaionRayError(f"caption_column and column are both {column!r}")
-    if device is not None and device != "cpu" and not device.startswith("cuda"):
-        raise LaionRayError(f"device must be cpu or cuda, got {device!r}")
-    resolve_precision(precision, device or "cuda")
+    weights.check_precision(check_device(device))
     if batch_size is None:
         batch_size = 32 if device == "cpu" else 256
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -291,13 +275,8 @@ def make_clip_embed(
         fields.append(pa.field(caption_column, _embedding_type(embed_dim)))
         inputs.append("caption")
     params = {
-        "model": model,
-        "pretrained": pretrained,
-        "checkpoint": checkpoint,
-        "random_weights": bool(random_weights),
-        "seed": int(seed),
+        **weights.params(),
         "device": device,
-        "precision": precision,
         "num_threads": num_threads,
         "pixel_column": pixel_column(spec),
         "size": list(spec.size),
