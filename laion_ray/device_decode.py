@@ -8,9 +8,11 @@ into the normalised float tensor the model takes, on the actor's own device:
 * JPEGs the device decoder takes are decoded in one batched call of
   torchvision's ``decode_jpeg``: nvJPEG on CUDA (the hardware decoder where the
   GPU has one), libjpeg-turbo through the same call on a CPU device.
-* nvJPEG upsamples 4:2:0 and 4:2:2 chroma by repeating samples, where libjpeg
-  (PIL, and so open_clip's own transform) interpolates them. On CUDA the chroma
-  of those images is interpolated again here (:func:`interpolate_chroma`), as
+* nvJPEG's default upsampling of 4:2:0 and 4:2:2 chroma repeats samples, where
+  libjpeg (PIL, and so open_clip's own transform) interpolates them. Each CUDA
+  actor checks its decoder once, at start, on a small image with sharp colour
+  edges (:func:`decoder_repeats_chroma`); where it repeats samples, the chroma of
+  those images is interpolated again here (:func:`interpolate_chroma`), as
   libjpeg's "fancy upsampling" does, before the resize.
 * Resize (antialiased, with the interpolation of the model's preprocess config,
   to the size open_clip computes), centre crop or pad, and the mean/std
@@ -34,23 +36,20 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from laion_ray.preprocess import (
     CHROMA_FACTORS,
+    ROUTE_DEVICE_420,
     ROUTE_HOST,
     ImageDecodeError,
     PixelSpec,
     preprocess_image,
     resized_size,
 )
-
-# Whether nvJPEG's repeated chroma samples are interpolated again on CUDA. The
-# GPU benchmark (benchmarks/bench_gpu_e2e.py) prints the parity with and without.
-INTERPOLATE_NVJPEG_CHROMA = True
 
 # ITU-R BT.601 full range, as JFIF (and so libjpeg and nvJPEG) converts.
 _TO_YCBCR = (
@@ -89,8 +88,9 @@ class DevicePreprocess:
             decodes every row on the host (``decode=auto`` on an actor without
             CUDA), still normalising on ``device``.
         interpolate_chroma: Re-interpolate subsampled chroma after the device
-            decode; default :data:`INTERPOLATE_NVJPEG_CHROMA` on CUDA, never on
-            a CPU device (libjpeg-turbo interpolates already).
+            decode. Default: on CUDA, where :func:`decoder_repeats_chroma` finds
+            that the decoder repeats chroma samples; never on a CPU device
+            (libjpeg-turbo interpolates already).
     """
 
     def __init__(
@@ -110,12 +110,13 @@ class DevicePreprocess:
         self.mean = torch.tensor(preprocess_cfg["mean"], device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(preprocess_cfg["std"], device=self.device).view(1, 3, 1, 1) * 255
         self.device_decoder = device_decoder
-        on_cuda = self.device.type == "cuda"
-        self.interpolate_chroma = (
-            on_cuda and INTERPOLATE_NVJPEG_CHROMA
-            if interpolate_chroma is None
-            else bool(interpolate_chroma)
-        )
+        if interpolate_chroma is None:
+            interpolate_chroma = (
+                device_decoder
+                and self.device.type == "cuda"
+                and decoder_repeats_chroma(lambda data: self._decode([data], [0])[0])
+            )
+        self.interpolate_chroma = bool(interpolate_chroma)
 
     def __call__(self, images: Sequence[bytes], routes: Sequence[int] | None = None) -> Prepared:
         """Decode, resize, crop and normalise one chunk of rows.
@@ -284,6 +285,27 @@ def interpolate_chroma(rgb: Any, factors: tuple[int, int]) -> Any:
     chroma = functional.interpolate(samples, size=full, mode="bilinear", align_corners=False)
     ycc = torch.cat([ycc[:, :1], chroma[..., :height, :width]], dim=1)
     return torch.einsum("ij,kjhw->kihw", to_rgb, ycc).clamp_(0, 255)
+
+
+def decoder_repeats_chroma(decode: Callable[[bytes], Any]) -> bool:
+    """Whether ``decode`` (bytes -> ``(3, H, W)`` uint8 tensor) upsamples 4:2:0
+    chroma by repeating samples: then re-interpolating brings its pixels closer
+    to libjpeg's. Judged on one small image with sharp colour edges, where the
+    two upsamplings differ by several levels.
+    """
+    import simplejpeg
+    import torch
+
+    y, x = np.mgrid[0:48, 0:48]
+    pattern = np.stack([x * 5, y * 5, ((x // 3 + y // 5) % 2) * 255], axis=-1).astype(np.uint8)
+    data = simplejpeg.encode_jpeg(pattern, quality=95, colorsubsampling="420")
+    libjpeg = torch.from_numpy(simplejpeg.decode_jpeg(data)).permute(2, 0, 1).float()
+    decoded = decode(data)
+    if decoded is None:
+        return False
+    decoded = decoded.float().cpu()
+    fixed = interpolate_chroma(decoded[None], CHROMA_FACTORS[ROUTE_DEVICE_420])[0].round()
+    return bool((fixed - libjpeg).abs().mean() < (decoded - libjpeg).abs().mean())
 
 
 def _out_of_memory(exc: BaseException) -> bool:

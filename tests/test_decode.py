@@ -28,7 +28,7 @@ from laion_ray.cluster import (
     format_stages,
     plan_stages,
 )
-from laion_ray.device_decode import DevicePreprocess, interpolate_chroma
+from laion_ray.device_decode import DevicePreprocess, decoder_repeats_chroma, interpolate_chroma
 from laion_ray.engine.stages import apply_stage
 from laion_ray.errors import LaionRayError
 from laion_ray.preprocess import (
@@ -189,6 +189,13 @@ def test_interpolated_chroma_brings_replicated_chroma_back_to_libjpeg():
         assert off_after < off_before / 10, name
         assert np.percentile(after, 99.9) <= np.percentile(before, 99.9) / 2, name
         assert np.abs(luma(fixed) - luma(replicated)).mean() < 0.5
+
+    # Each CUDA actor asks its decoder once which kind it is; both kinds, here:
+    def as_tensor(pixels):
+        return torch.from_numpy(pixels).permute(2, 0, 1)
+
+    assert decoder_repeats_chroma(lambda d: as_tensor(simplejpeg.decode_jpeg(d, fastupsample=True)))
+    assert not decoder_repeats_chroma(lambda d: as_tensor(simplejpeg.decode_jpeg(d)))
     prep = DevicePreprocess({"size": 224, "mean": (0.5,) * 3, "std": (0.5,) * 3}, "cpu")
     assert prep.interpolate_chroma is False  # libjpeg-turbo on a CPU device interpolates already
 
