@@ -4,7 +4,7 @@ The photographs are the ones scikit-image ships in its wheel (``skimage/data``:
 an astronaut, a cat, coffee, a rocket, a motorcycle, a cameraman), read as
 files: no network, no generated textures. The encodings are the ones a web
 crawl brings: baseline and progressive JPEG, 4:2:0, 4:2:2 and 4:4:4 chroma,
-an EXIF orientation, CMYK, WebP, PNG with alpha, GIF, gray, a 20:1 panorama,
+4:4:0 and 4:1:1, an EXIF orientation, CMYK, WebP, PNG with alpha, GIF, gray, a 20:1 panorama,
 and a truncated file. ``benchmarks/bench_gpu_e2e.py`` imports this module too.
 """
 
@@ -42,6 +42,13 @@ def _with_alpha(image: Image.Image) -> Image.Image:
     return rgba
 
 
+def _libjpeg(image: Image.Image, subsampling: str) -> bytes:
+    """A JPEG with a chroma sampling PIL does not write (libjpeg-turbo's encoder)."""
+    import simplejpeg
+
+    return simplejpeg.encode_jpeg(np.asarray(image), quality=90, colorsubsampling=subsampling)
+
+
 def crawl_encodings() -> dict[str, bytes]:
     """Name -> encoded bytes: every photo as a baseline 4:2:0 JPEG, plus one of
     each other kind a crawl brings (all decodable)."""
@@ -56,6 +63,9 @@ def crawl_encodings() -> dict[str, bytes]:
         astronaut_progressive=encode(astronaut, quality=85, progressive=True),
         astronaut_exif_rotated=encode(astronaut, quality=90, exif=exif.tobytes()),
         astronaut_cmyk=encode(astronaut.convert("CMYK"), quality=90),
+        # other chroma samplings, which libjpeg-turbo writes and few decoders take
+        astronaut_jpeg_440=_libjpeg(astronaut, "440"),
+        astronaut_jpeg_411=_libjpeg(astronaut, "411"),
         chelsea_webp=encode(chelsea, "WEBP", quality=85),
         chelsea_png_alpha=encode(_with_alpha(chelsea), "PNG"),
         chelsea_gif=encode(chelsea.convert("P", palette=Image.Palette.ADAPTIVE), "GIF"),

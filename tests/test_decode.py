@@ -64,6 +64,8 @@ EXPECTED_ROUTES = {
     "gray_jpeg": ROUTE_DEVICE,
     "panorama": ROUTE_DEVICE_420,
     "progressive": ROUTE_HOST,
+    "jpeg_440": ROUTE_HOST,  # an odd sampling
+    "jpeg_411": ROUTE_HOST,
     "cmyk": ROUTE_HOST,
     "webp": ROUTE_HOST,
     "png_alpha": ROUTE_HOST,
@@ -198,6 +200,43 @@ def test_interpolated_chroma_brings_replicated_chroma_back_to_libjpeg():
     assert not decoder_repeats_chroma(lambda d: as_tensor(simplejpeg.decode_jpeg(d)))
     prep = DevicePreprocess({"size": 224, "mean": (0.5,) * 3, "std": (0.5,) * 3}, "cpu")
     assert prep.interpolate_chroma is False  # libjpeg-turbo on a CPU device interpolates already
+
+
+def test_each_chunk_queues_the_model_before_the_next_decodes(device_actor, monkeypatch):
+    """The device never waits for the host between chunks: chunk k's forward is
+    queued before chunk k + 1 is decoded, and the embeddings come back (the one
+    wait) after the last. On CUDA the queued forward runs while the host and
+    nvJPEG decode the next chunk."""
+    import laion_ray.udfs.clip as clip
+
+    pre, embed, actor = device_actor
+    events: list[str] = []
+    preprocess, encode_image, unit = actor.preprocess, actor.net.encode_image, clip.unit_float32
+
+    def decode(images, routes):
+        events.append(f"decode {len(images)}")
+        return preprocess(images, routes)
+
+    def forward(pixels):
+        events.append(f"model {len(pixels)}")
+        return encode_image(pixels)
+
+    monkeypatch.setattr(actor, "preprocess", decode)
+    monkeypatch.setattr(actor, "model_batch", 2)
+    monkeypatch.setattr(actor, "_memo", None)
+    monkeypatch.setattr(actor.net, "encode_image", forward)
+    monkeypatch.setattr(clip, "unit_float32", lambda x: events.append("wait") or unit(x))
+    images = [encode(photo(n), quality=90) for n in ("astronaut.png", "coffee.png")] * 2
+    images.append(encode(photo("chelsea.png"), "PNG"))  # a host row in the last chunk
+    table = pa.table(
+        {
+            "image": pa.array(images, pa.binary()),
+            ROUTE_COLUMN: pa.array([decode_route(d) for d in images], pa.int8()),
+        }
+    )
+    out = actor(table)
+    assert events == ["decode 1", "model 1", "decode 2", "model 2", "decode 2", "model 2", "wait"]
+    assert out[embed.outputs[0]].null_count == 0
 
 
 # --- bad rows -------------------------------------------------------------------------
