@@ -431,7 +431,7 @@ def _backfill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--decode-cpus",
         type=float,
-        help="CPU budget of decode/task stages (default: cluster CPUs, at most 4 per GPU)",
+        help="CPU budget of decode/task stages with clip-embed decode=cpu (default: cluster CPUs, at most 4 per GPU)",
     )
     _job_flags(p, auto="auto: small function-UDF jobs on narrow columns run in-process")
 

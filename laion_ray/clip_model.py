@@ -9,13 +9,14 @@ functions, so importing this module stays fast.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
 import re
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -136,6 +137,121 @@ def _tag_cfg(model: str, pretrained: str | None) -> dict[str, Any] | None:
             f"known: {', '.join(tags) or 'none'}"
         )
     return cfg
+
+
+# --- the model a UDF uses ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The open_clip model of a CLIP UDF (``clip-embed``, ``clip-score``,
+    ``moderation-clip``): which weights, and the precision it runs in.
+
+    The factories keep these as explicit keyword parameters (their signatures
+    type ``--param``) and build a spec from them; the stage's ``params`` hold
+    the same flat keys as before (:meth:`params`), so UDF keys, and with them
+    checkpoints and the producer metadata of stored columns, do not change.
+
+    Attributes:
+        model: open_clip name, ``hf-hub:org/repo`` or ``local-dir:/path``.
+        pretrained: Pretrained tag (or a weights file, taken as ``checkpoint``).
+        checkpoint: Local open_clip state_dict.
+        random_weights: Allow a random initialisation (testing only).
+        seed: Seed of random weights: every actor builds the same model.
+        precision: Autocast dtype ``fp32``/``fp16``/``bf16``; None: fp16 on
+            CUDA, fp32 on CPU.
+
+    Examples:
+        >>> spec = ModelSpec("ViT-B-32", random_weights=True)
+        >>> spec.identity()
+        {'model': 'ViT-B-32', 'pretrained': None, 'checkpoint': None, 'random_weights': True, 'seed': 0}
+    """
+
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    random_weights: bool = False
+    seed: int = 0
+    precision: str | None = None
+
+    def checked(self) -> ModelSpec:
+        """Validated on the driver, before any work, with plain types.
+
+        Raises:
+            LaionRayError: a bad model name, a missing checkpoint, or no weights
+                named without ``random_weights``.
+        """
+        if not isinstance(self.model, str) or not self.model:
+            raise LaionRayError(f"model must be a non-empty column name, got {self.model!r}")
+        check_source(self.model, self.pretrained, self.checkpoint, bool(self.random_weights))
+        return dataclasses.replace(
+            self, random_weights=bool(self.random_weights), seed=int(self.seed)
+        )
+
+    def check_precision(self, device: str | None) -> None:
+        """Refuse a precision the device cannot run (fp16 needs CUDA; None: a GPU actor).
+
+        Raises:
+            LaionRayError: an unknown precision, or fp16 with ``device="cpu"``.
+        """
+        resolve_precision(self.precision, device or "cuda")
+
+    def config(self) -> tuple[int, dict[str, Any]]:
+        """``(embed_dim, preprocess_cfg)`` without loading weights (:func:`clip_spec`)."""
+        return clip_spec(self.model, self.pretrained)
+
+    def params(self, *, precision: bool = True) -> dict[str, Any]:
+        """The stage parameters that name the model (flat, as the actors take them).
+
+        Args:
+            precision: Include ``precision``; a UDF whose precision is fixed
+                (``moderation-clip`` embeds its prompts in fp32) leaves it out.
+        """
+        out = dataclasses.asdict(self)
+        if not precision:
+            del out["precision"]
+        return out
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two embeddings comparable: the weights (real weights do
+        not depend on the seed; random ones do). Device and precision do not
+        change the embedding space."""
+        out = {k: getattr(self, k) for k in ("model", "pretrained", "checkpoint", "random_weights")}
+        if self.random_weights:
+            out["seed"] = self.seed
+        return out
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> ModelSpec:
+        """The spec in a stage's ``params`` (see :meth:`params`); other keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+    def load_in_actor(
+        self, *, device: str | None, num_threads: int | None = None
+    ) -> tuple[Any, Any, Any, dict[str, Any]]:
+        """:func:`load_clip_in_actor` of this model (the device decided where it runs)."""
+        return load_clip_in_actor(
+            self.model,
+            pretrained=self.pretrained,
+            checkpoint=self.checkpoint,
+            allow_random=self.random_weights,
+            device=device,
+            precision=self.precision,
+            seed=self.seed,
+            num_threads=num_threads,
+        )
+
+
+def check_device(device: str | None) -> str | None:
+    """A UDF's ``device`` parameter: None (the actor decides), ``cpu`` or ``cuda[:N]``.
+
+    Raises:
+        LaionRayError: any other value.
+    """
+    if device is not None and device != "cpu" and not device.startswith("cuda"):
+        raise LaionRayError(f"device must be cpu or cuda, got {device!r}")
+    return device
 
 
 # --- loading --------------------------------------------------------------------

@@ -20,13 +20,21 @@ The plan, per stage of a backfill:
   When the model runs on GPUs, the job's CPU budget is capped at the model
   actors' own CPUs plus ``DECODE_CPUS_PER_GPU`` per GPU, so an autoscaling
   cluster is not asked for CPU nodes the GPUs cannot keep up with.
+- **Where images decode** (``clip-embed``'s ``decode``): ``cpu`` keeps the
+  decode tasks; ``device``, and ``auto`` when the model stage got GPUs in this
+  plan, sends the bytes to the model actor, which decodes on its device
+  (:func:`laion_ray.udfs.clip.decode_on_device`): the tasks then only read,
+  check headers and write, ``DEVICE_DECODE_TASK_CPUS_PER_GPU`` per GPU, and
+  ``DECODE_CPUS_PER_GPU`` and ``decode_cpus`` do not apply. Decided from the
+  plan alone; each actor still picks its device itself.
 - Overrides: ``gpus`` (``0`` forces CPU actors), ``max_actors``, ``device`` and
   ``decode_cpus``; an explicit ``concurrency`` of a UDF is kept as given.
 
-What actually ran where (nodes, peak actors, each actor's device) is collected
-by a small named actor, :class:`PlacementLog`: every model actor reports once at
-start, every task worker process once per stage, so it holds O(actors + nodes)
-entries, never O(rows or units).
+What actually ran where (nodes, peak actors, each actor's device and decode) is
+collected by a small named actor, :class:`PlacementLog`: every model actor
+reports once at start (and again when its count of rows that fell back to the
+host decoder changes), every task worker process once per stage, so it holds
+O(actors + nodes) entries, never O(rows or units).
 
 Examples:
     >>> cap = Capacity(cpus=96, gpus=8)
@@ -60,6 +68,12 @@ DECODE_CPUS_PER_GPU = 4.0
 # the rest is left to reads, decode and checkpoint writes. A CPU model is ~100x
 # slower than its decode, so the model gets most of the CPUs.
 CPU_MODEL_SHARE = 0.75
+# Task CPUs per GPU when the model decodes on its device (decode=device): the
+# reads of the encoded bytes, the header checks (a few us per image) and the
+# checkpoint writes. An H200 embedding ViT-B/32 at ~15,000 img/s reads ~0.9 GB/s
+# of LAION-sized JPEGs, hence 2 (not measured on a GPU yet: bench_gpu_e2e.py);
+# the actor's own CPU launches the device work and does the host fallbacks.
+DEVICE_DECODE_TASK_CPUS_PER_GPU = 2.0
 PLACEMENT_NAMESPACE = "laion-ray"
 
 
@@ -170,12 +184,24 @@ class Overrides:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Stages with their resources decided, and the job's CPU budget (None: no cap)."""
+    """Stages with their resources decided, and the job's CPU budget (None: no cap).
+
+    Attributes:
+        stages: The planned stages.
+        cpu_limit: Ray Data's CPU budget for the whole pipeline.
+        capacity: The cluster it was planned on.
+        decode_cpus: CPU budget of the task stages (decode or, with
+            ``decode=device``, reads and header checks).
+        decode: Stage name -> its part in decoding: ``cpu`` (``clip-preprocess``
+            decodes, ``clip-embed`` gets pixels), ``device`` (``clip-embed``
+            decodes) or ``check`` (``clip-preprocess`` only checks headers).
+    """
 
     stages: list[UDF]
     cpu_limit: float | None
     capacity: Capacity
     decode_cpus: float | None
+    decode: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _wants_gpu(stage: UDF, capacity: Capacity, overrides: Overrides) -> bool:
@@ -219,19 +245,60 @@ def plan_stages(stages: Sequence[UDF], capacity: Capacity, overrides: Overrides)
         initial = min(most, max(1, present // pools))
         pool = stage.concurrency or ((1, most, initial) if most > 1 else 1)
         planned.append(stage.with_options(num_gpus=per_actor, concurrency=pool, **changes))
+    planned, decode = plan_decode(planned)
     groups = actor_groups(planned)
     _fit_cpu_actors(planned, groups, cpus_now)
     gpu_actors = sum(_actors(planned[g[0]])[1] * _ask(planned, g, "num_gpus") for g in groups)
     actor_cpus = sum(_actors(planned[g[0]])[1] * _ask(planned, g, "num_cpus") for g in groups)
     decode_cpus = overrides.decode_cpus
-    if decode_cpus is None and gpu_actors:
+    if gpu_actors and "device" in decode.values() and "cpu" not in decode.values():
+        # No decode tasks: --decode-cpus and DECODE_CPUS_PER_GPU size those only.
+        if decode_cpus is not None:
+            log.warning(
+                "--decode-cpus %g applies to decode=cpu; clip-embed decodes on its device here",
+                decode_cpus,
+            )
+        decode_cpus = min(capacity.cpus, DEVICE_DECODE_TASK_CPUS_PER_GPU * gpu_actors) or None
+    elif decode_cpus is None and gpu_actors:
         decode_cpus = min(capacity.cpus, DECODE_CPUS_PER_GPU * gpu_actors) or None
     cpu_limit = None
     if decode_cpus is not None:
         # Ray Data's CPU budget for the whole pipeline: reads, decode and
         # checkpoint writes share ``decode_cpus``; the model actors keep theirs.
         cpu_limit = decode_cpus + actor_cpus
-    return Plan(planned, cpu_limit, capacity, decode_cpus)
+    return Plan(planned, cpu_limit, capacity, decode_cpus, decode)
+
+
+def plan_decode(stages: Sequence[UDF]) -> tuple[list[UDF], dict[str, str]]:
+    """Where each ``clip-embed`` of a planned job decodes, from the plan alone.
+
+    ``decode=cpu`` keeps the decode tasks. ``device`` decodes in the model actor;
+    so does ``auto`` when the model stage got GPUs in this plan: the driver's
+    hardware plays no part, and an actor that got a GPU but finds no CUDA device
+    still decodes, on its CPU (:class:`~laion_ray.udfs.clip.ClipEmbedDecoding`).
+    A decode stage whose pixels another stage reads too stays a decode stage.
+
+    Returns:
+        The stages (in the ``device`` shape where chosen) and :attr:`Plan.decode`.
+    """
+    from laion_ray.udfs.clip import DECODE_MODES, ClipEmbed, decode_on_device
+
+    out, decode = list(stages), {}
+    for i, pre in enumerate(stages):
+        mode = pre.params.get("decode")
+        if pre.is_actor or pre.name != "clip-preprocess" or mode not in DECODE_MODES:
+            continue
+        readers = [j for j, s in enumerate(stages) if set(pre.outputs) & set(s.inputs)]
+        if len(readers) != 1 or stages[readers[0]].compute is not ClipEmbed:
+            decode[pre.name] = "cpu"
+            continue
+        embed = stages[readers[0]]
+        if mode == "device" or (mode == "auto" and embed.num_gpus):
+            out[i], out[readers[0]] = decode_on_device(pre, embed)
+            decode.update({pre.name: "check", embed.name: "device"})
+        else:
+            decode.update({pre.name: "cpu", embed.name: "cpu"})
+    return out, decode
 
 
 def shares_actor(a: UDF, b: UDF) -> bool:
@@ -314,6 +381,8 @@ def describe_plan(plan: Plan) -> list[dict[str, Any]]:
             "num_cpus": stage.num_cpus,
             "num_gpus": stage.num_gpus or 0.0,
         }
+        if stage.name in plan.decode:
+            entry["decode"] = plan.decode[stage.name]
         if stage.is_actor:
             pool = stage.concurrency
             entry["pool"] = list(pool[:2]) if isinstance(pool, tuple) else [pool, pool]
@@ -395,6 +464,10 @@ class PlacementLog:
         )
         self.peak[stage] = max(self.peak.get(stage, 0), alive)
 
+    def actor_updated(self, stage: str, actor_id: str, facts: dict[str, Any]) -> None:
+        """Facts that change while an actor runs (rows that fell back to the host decoder)."""
+        self.actors.setdefault((stage, actor_id), {"stage": stage}).update(facts)
+
     def task_ran(self, stage: str, node: str) -> None:
         self.task_nodes.setdefault(stage, set()).add(node)
 
@@ -462,9 +535,32 @@ def _record_actor(placement: str, stage: UDF, instance: Any) -> None:
         "gpu_ids": [str(g) for g in gpus],
     }
     facts["cpu_fallback"] = bool(gpus) and facts["device"] == "cpu"
+    if hasattr(instance, "placement_facts"):  # e.g. where clip-embed decodes
+        facts.update(instance.placement_facts())
     handle = ray.get_actor(placement, namespace=PLACEMENT_NAMESPACE)
     actor_id = ray.get_runtime_context().get_actor_id() or uuid.uuid4().hex
     ray.get(handle.actor_started.remote(stage.name, actor_id, facts))
+    if hasattr(instance, "set_placement_reporter"):
+        instance.set_placement_reporter(_ActorReporter(handle, stage.name, actor_id))
+
+
+class _ActorReporter:
+    """Sends an actor's changed facts to the placement log; informational, like the rest."""
+
+    def __init__(self, handle: Any, stage: str, actor_id: str) -> None:
+        self.handle, self.stage, self.actor_id = handle, stage, actor_id
+        self.failed = False
+
+    def __call__(self, facts: dict[str, Any]) -> None:
+        if self.failed:
+            return
+        import ray
+
+        try:
+            ray.get(self.handle.actor_updated.remote(self.stage, self.actor_id, facts), timeout=30)
+        except Exception as exc:
+            self.failed = True  # one warning; the job goes on without the updates
+            log.warning("could not update the placement of a %s actor: %s", self.stage, exc)
 
 
 _tasks_recorded: set[tuple[str, str]] = set()
@@ -510,18 +606,34 @@ def placement_report(plan: Plan, placement: str) -> list[dict[str, Any]]:
             actors = [a for a in seen["actors"].values() if a["stage"] == name]
             devices: dict[str, int] = {}
             for a in actors:
-                devices[a["device"]] = devices.get(a["device"], 0) + 1
+                if "device" in a:
+                    devices[a["device"]] = devices.get(a["device"], 0) + 1
             entry.update(
                 actors_started=len(actors),
                 peak_actors=seen["peak"].get(name, 0),
-                nodes=sorted({a["node"] for a in actors}),
+                nodes=sorted({a["node"] for a in actors if "node" in a}),
                 devices=devices,
-                cpu_fallback=sum(a["cpu_fallback"] for a in actors),
+                cpu_fallback=sum(a.get("cpu_fallback", False) for a in actors),
             )
+            decoders = [_decode_label(a) for a in actors if "decode" in a]
+            if decoders:
+                entry["decode_ran"] = {d: decoders.count(d) for d in sorted(set(decoders))}
+                entry["decode_fallback_rows"] = sum(
+                    int(a.get("decode_fallback_rows", 0)) for a in actors
+                )
         else:
             entry["nodes"] = seen["task_nodes"].get(name, [])
         out.append(entry)
     return out
+
+
+def _decode_label(actor: Mapping[str, Any]) -> str:
+    """Where one actor's images were decoded, in words."""
+    if actor["decode"] == "device":
+        return f"on its device ({actor.get('device', '?')})"
+    if actor.get("decode_in") == "actor":
+        return "on its CPU (no CUDA device)"
+    return "in the decode tasks"
 
 
 def format_stages(stages: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -540,9 +652,12 @@ def format_stages(stages: Sequence[Mapping[str, Any]]) -> list[str]:
             ).rstrip(", ")
             if s.get("cpu_fallback"):
                 line += f" ({s['cpu_fallback']} got a GPU but no CUDA device: ran on CPU)"
+            line += _decode_words(s)
         else:
             budget = f", {s['cpu_budget']:g} CPUs budget" if "cpu_budget" in s else ""
             line = f"  {s['stage']}: tasks, {ask} each{budget}, {where}".rstrip(", ")
+            if s.get("decode") == "check":
+                line += "; header checks only: the model stage decodes on its device"
         lines.append(line.rstrip())
     return lines
 
@@ -580,3 +695,14 @@ def format_plan(plan: Plan) -> str:
             budget = f", {_amount(s['cpu_budget'], 'CPU')} in all" if "cpu_budget" in s else ""
             parts.append(f"{s['stage']}: tasks of {ask}{budget}")
     return " · ".join(parts)
+
+
+def _decode_words(stage: Mapping[str, Any]) -> str:
+    """``; decoded on its device (cuda) x2, 3 rows fell back to the host decoder``."""
+    ran = stage.get("decode_ran")
+    if not ran:
+        return f"; decode planned {stage['decode']}" if "decode" in stage else ""
+    words = ", ".join(f"{label} x{n}" for label, n in ran.items())
+    fallback = stage.get("decode_fallback_rows", 0)
+    rows = f", {fallback} row(s) fell back to the host decoder" if fallback else ""
+    return f"; decoded {words}{rows}"

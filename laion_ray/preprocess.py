@@ -22,6 +22,11 @@ they are converted to RGB first and resized properly (cosine ~0.997); and on
 pure white noise the DCT-scaled decode differs most (cosine ~0.994). EXIF
 orientation is ignored, as open_clip ignores it.
 
+For ``decode=device`` (decode on the model's device, :mod:`laion_ray.device_decode`)
+:func:`decode_route` reads only an image's header, in a few microseconds: it
+refuses what the header already shows to be bad, as the decode would, and
+says which decoder takes the rest (the device's, or this module's on the host).
+
 Every failure (empty, truncated or undecodable data, a decompression bomb)
 raises :class:`ImageDecodeError`, a :class:`~laion_ray.errors.RowError`: the
 engine isolates the bad row by bisection, so nothing here turns a bad image into
@@ -59,6 +64,24 @@ MAX_ASPECT_RATIO = 200
 _AREA_FACTOR = 1.5
 
 _JPEG_MAGIC = b"\xff\xd8"
+
+# Which decoder takes an image, for decode=device (see decode_route). A baseline
+# YCbCr or gray JPEG goes to the device decoder; its chroma subsampling decides
+# whether the chroma is re-interpolated there (laion_ray.device_decode).
+ROUTE_DEVICE = 0  # full chroma (4:4:4) or gray
+ROUTE_DEVICE_420 = 1  # chroma subsampled 2x2
+ROUTE_DEVICE_422 = 2  # chroma subsampled 2x1 (horizontally)
+ROUTE_HOST = 3  # anything else: preprocess_image on the host
+# (vertical, horizontal) chroma subsampling factors of the device routes.
+CHROMA_FACTORS = {ROUTE_DEVICE: (1, 1), ROUTE_DEVICE_420: (2, 2), ROUTE_DEVICE_422: (1, 2)}
+_DEVICE_SUBSAMPLING = {"444": ROUTE_DEVICE, "Gray": ROUTE_DEVICE, "420": ROUTE_DEVICE_420}
+_DEVICE_SUBSAMPLING["422"] = ROUTE_DEVICE_422
+# Start-of-frame markers: 0xC0 baseline, 0xC1 extended, 0xC2 progressive, and
+# the lossless and arithmetic kinds; 0xC4 (DHT), 0xC8 (JPG) and 0xCC (DAC) are not frames.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_BASELINE = 0xC0
+# Markers without a length field (TEM, RSTn, SOI, EOI).
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xDA)})
 
 
 class ImageDecodeError(RowError, ValueError):
@@ -258,6 +281,85 @@ def _crop_or_pad(pixels: np.ndarray, th: int, tw: int, fill: int) -> np.ndarray:
     top = int(round((height - th) / 2.0))
     left = int(round((width - tw) / 2.0))
     return pixels[top : top + th, left : left + tw]
+
+
+def decode_route(data: bytes | bytearray | memoryview | None) -> int:
+    """Which decoder takes an image, from its header alone, for ``decode=device``.
+
+    A baseline JPEG in YCbCr or gray with 4:4:4, 4:2:2 or 4:2:0 chroma, whose
+    end-of-image marker follows its scan, goes to the device decoder
+    (:data:`ROUTE_DEVICE`, :data:`ROUTE_DEVICE_420`, :data:`ROUTE_DEVICE_422`).
+    Everything else (PNG, WebP, GIF, CMYK and YCCK, progressive, arithmetic or
+    12-bit JPEGs, other samplings, a JPEG without its end marker) goes to
+    :func:`preprocess_image` on the host (:data:`ROUTE_HOST`): that decoder is
+    the judge of an odd file, so an unusual but valid one still decodes and a
+    truncated one is refused there, as in ``decode=cpu``.
+
+    Raises:
+        ImageDecodeError: what the header already shows to be bad: null or empty
+            data, a JPEG header that does not parse, data PIL does not recognise,
+            or more pixels (or a wider aspect ratio) than :func:`preprocess_image`
+            accepts.
+    """
+    if data is None:
+        raise ImageDecodeError("image is null")
+    data = bytes(data) if not isinstance(data, bytes) else data
+    if not data:
+        raise ImageDecodeError("image is empty (0 bytes)")
+    if data[:2] != _JPEG_MAGIC:
+        _check_header_pil(data)
+        return ROUTE_HOST
+    import simplejpeg
+
+    try:
+        height, width, colorspace, subsampling = simplejpeg.decode_jpeg_header(data)
+    except ValueError as exc:
+        raise ImageDecodeError(f"corrupt JPEG header: {exc}") from exc
+    _check_pixels(height, width)
+    route = _DEVICE_SUBSAMPLING.get(subsampling)
+    if route is None or colorspace not in ("YCbCr", "Gray"):
+        return ROUTE_HOST
+    frame, scan = _frame_and_scan(data)
+    # In entropy-coded data every 0xFF is followed by 0x00 or a restart marker,
+    # so an EOI after the (only) scan's header means the file was not cut short.
+    if frame != _BASELINE or scan < 0 or data.rfind(b"\xff\xd9") < scan:
+        return ROUTE_HOST
+    return route
+
+
+def _frame_and_scan(data: bytes) -> tuple[int | None, int]:
+    """The JPEG's start-of-frame marker and the offset of its first scan header
+    (-1: none), walking the marker segments (an EXIF thumbnail's markers are
+    inside its APP1 segment, so they are skipped)."""
+    frame, at, end = None, 2, len(data)
+    while at + 4 <= end:
+        if data[at] != 0xFF:
+            break  # not a marker where one must be: let the host decoder judge
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill bytes before a marker
+            at += 1
+        elif marker == 0xDA:
+            return frame, at
+        elif marker in _STANDALONE:
+            at += 2
+        else:
+            if marker in _SOF_MARKERS and frame is None:
+                frame = marker
+            at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return frame, -1
+
+
+def _check_header_pil(data: bytes) -> None:
+    """Refuse non-JPEG data whose header PIL does not recognise or that is too large."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            _check_pixels(image.height, image.width)
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        raise ImageDecodeError(f"cannot decode image: {exc}") from exc
 
 
 def preprocess_images(images: Sequence[bytes | None], spec: PixelSpec) -> np.ndarray:

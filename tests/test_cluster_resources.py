@@ -160,11 +160,19 @@ class TestGpuWorker:
         assert _fallback_warnings(cluster) == 2
         decode = _stage(report, "clip-preprocess")
         assert decode["kind"] == "tasks" and decode["num_gpus"] == 0 and decode["nodes"], decode
+        # decode=auto: the plan gave the model GPUs, so the bytes went to the actors
+        # (the tasks only checked headers), and actors without CUDA decoded on their
+        # CPU with the decode=cpu decoder.
+        assert decode["decode"] == "check" and embed["decode"] == "device", (decode, embed)
+        assert embed["decode_ran"] == {"on its CPU (no CUDA device)": 2}, embed
+        assert embed["decode_fallback_rows"] == 0, embed
         # The summary and the history say the same.
         assert "clip-embed: 2 actor(s) at peak (pool 1..2), 1 CPU + 1 GPU each" in out, out
         assert "2 got a GPU but no CUDA device: ran on CPU" in out
+        assert "decoded on its CPU (no CUDA device) x2" in out, out
         (entry,) = [e for e in job_history(uri) if e["operation"] == "DataReplacement"][-1:]
         assert _stage(entry["details"], "clip-embed")["peak_actors"] == 2
+        assert _stage(entry["details"], "clip-embed")["decode_ran"] == embed["decode_ran"]
         _assert_single_process_equal(uri)
 
     def test_moderation_and_user_class_udfs_follow_the_same_rules(
@@ -204,6 +212,9 @@ class TestCpuWorker:
         assert embed["num_gpus"] == 0 and embed["pool"] == [1, most], embed
         assert embed["peak_actors"] >= 2, embed  # more than one actor: the worker has the CPUs
         assert embed["devices"] == {"cpu": embed["actors_started"]} and not embed["cpu_fallback"]
+        # decode=auto without GPUs: decode tasks feed the actors pixels.
+        assert embed["decode"] == "cpu", embed
+        assert embed["decode_ran"] == {"in the decode tasks": embed["actors_started"]}, embed
 
         report = _class_udf_job(cluster, uri, tmp_path)
         for name in ("moderation-clip", "device-double"):

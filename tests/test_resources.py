@@ -43,8 +43,8 @@ class UserModel:  # a user-written class UDF with default resources
 USER = UDF("user-model", "1", ("width",), pa.schema([("w", pa.int64())]), UserModel)
 
 
-def _model_stages() -> list[UDF]:
-    return [*make_clip_embed(**MODEL), *make_moderation_clip(**MODEL), USER]
+def _model_stages(decode: str = "auto") -> list[UDF]:
+    return [*make_clip_embed(**MODEL, decode=decode), *make_moderation_clip(**MODEL), USER]
 
 
 def _by_name(plan):
@@ -54,7 +54,8 @@ def _by_name(plan):
 def test_gpu_cluster_one_gpu_per_actor_up_to_gpu_capacity():
     # A 0-CPU head and 8 single-GPU nodes, as in cluster.yaml at full size.
     cap = Capacity.of({"CPU": 32, "GPU": 8}, nodes=9)
-    plan = plan_stages(make_clip_embed(**MODEL), cap, Overrides())
+    # decode=cpu: the decode tasks feed the GPUs (decode=device: test_decode.py).
+    plan = plan_stages(make_clip_embed(**MODEL, decode="cpu"), cap, Overrides())
     pre, embed = plan.stages
     assert embed.num_gpus == 1.0 and embed.concurrency == (1, 8, 8)
     assert pre.num_gpus == 0.0 and pre.concurrency is None  # decode: tasks
@@ -65,7 +66,7 @@ def test_gpu_cluster_one_gpu_per_actor_up_to_gpu_capacity():
 
 def test_every_class_udf_gets_the_same_rules():
     cap = Capacity.of({"CPU": 16, "GPU": 2})
-    plan = plan_stages(_model_stages(), cap, Overrides())
+    plan = plan_stages(_model_stages(decode="cpu"), cap, Overrides())
     stages = _by_name(plan)
     for name in ("clip-embed", "moderation-clip", "user-model"):
         assert stages[name].num_gpus == 1.0, name
@@ -171,7 +172,8 @@ def test_bad_overrides_name_the_flag(overrides):
 
 
 def test_report_lines_say_what_ran_where():
-    plan = plan_stages(make_clip_embed(**MODEL), Capacity.of({"CPU": 8, "GPU": 2}), Overrides())
+    cap = Capacity.of({"CPU": 8, "GPU": 2})
+    plan = plan_stages(make_clip_embed(**MODEL, decode="cpu"), cap, Overrides())
     stages = describe_plan(plan)
     stages[1].update(
         peak_actors=2, nodes=["a" * 56], devices={"cuda": 2}, cpu_fallback=0, actors_started=2

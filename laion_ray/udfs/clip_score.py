@@ -25,12 +25,10 @@ import pyarrow as pa
 
 from laion_ray.clip_model import (
     DEFAULT_MODEL,
-    check_source,
-    clip_spec,
+    ModelSpec,
+    check_device,
     default_embedding_column,
     embed_texts,
-    load_clip_in_actor,
-    resolve_precision,
 )
 from laion_ray.engine.commit import UDF_METADATA
 from laion_ray.errors import LaionRayError
@@ -38,10 +36,6 @@ from laion_ray.udf import UDF, register
 from laion_ray.udfs.clip import check_name, list_to_numpy
 
 logger = logging.getLogger(__name__)
-
-# What makes two clip-embed runs the same embedding space; the rest of its
-# parameters (device, precision, batch size, output column) do not change it.
-_MODEL_IDENTITY = ("model", "pretrained", "checkpoint", "random_weights")
 
 
 class ClipScore:
@@ -54,34 +48,23 @@ class ClipScore:
     def __init__(
         self,
         *,
-        model: str,
-        pretrained: str | None,
-        checkpoint: str | None,
-        random_weights: bool,
-        seed: int,
         device: str | None,
-        precision: str | None,
         num_threads: int | None,
         embedding_column: str,
         caption_column: str,
         column: str,
+        **spec_params: Any,
     ) -> None:
         import torch
 
-        self.net, _, self.tokenizer, info = load_clip_in_actor(
-            model,
-            pretrained=pretrained,
-            checkpoint=checkpoint,
-            allow_random=random_weights,
-            device=device,
-            precision=precision,
-            seed=seed,
-            num_threads=num_threads,
+        spec = ModelSpec(**spec_params)
+        self.net, _, self.tokenizer, info = spec.load_in_actor(
+            device=device, num_threads=num_threads
         )
         self.device = torch.device(info["device"])
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(info["precision"])
         self.dim = info["embed_dim"]
-        self.model = model
+        self.model = spec.model
         self.embedding_column = embedding_column
         self.caption_column = caption_column
         self.column = column
@@ -122,8 +105,8 @@ def check_embedding_producer(
             the key of the stage that makes the column earlier in the run).
         embedding_column: The image-embedding input.
         embed_dim: The model's embedding width.
-        model: The model's identity (:data:`_MODEL_IDENTITY`, plus ``seed`` for
-            random weights).
+        model: The model's identity (:meth:`ModelSpec.identity`: the weights,
+            plus ``seed`` for random weights).
 
     Raises:
         LaionRayError: the column has another width, no producer metadata, or
@@ -203,36 +186,24 @@ def make_clip_score(
         LaionRayError: a bad argument, unknown model or tag, missing checkpoint,
             or no weights named without ``random_weights``.
     """
-    model = check_name(model, "model")
-    check_source(model, pretrained, checkpoint, bool(random_weights))
-    embed_dim, _ = clip_spec(model, pretrained)
+    spec = ModelSpec(model, pretrained, checkpoint, random_weights, seed, precision).checked()
+    embed_dim, _ = spec.config()
     embedding_column = check_name(
-        embedding_column or default_embedding_column(model), "embedding_column"
+        embedding_column or default_embedding_column(spec.model), "embedding_column"
     )
     caption_column = check_name(caption_column, "caption_column")
     column = check_name(column, "column")
     if column in (embedding_column, caption_column):
         raise LaionRayError(f"clip-score would overwrite its own input {column!r}")
-    if device is not None and device != "cpu" and not device.startswith("cuda"):
-        raise LaionRayError(f"device must be cpu or cuda, got {device!r}")
-    resolve_precision(precision, device or "cuda")
+    spec.check_precision(check_device(device))
     if batch_size is None:
         batch_size = 64 if device == "cpu" else 256
     if not isinstance(batch_size, int) or batch_size < 1:
         raise LaionRayError(f"batch_size must be a positive integer, got {batch_size!r}")
-    identity = {
-        "model": model,
-        "pretrained": pretrained,
-        "checkpoint": checkpoint,
-        "random_weights": bool(random_weights),
-    }
-    if random_weights:
-        identity["seed"] = int(seed)  # random weights differ by seed, real ones do not
+    identity = spec.identity()
     params = {
-        **identity,
-        "seed": int(seed),
+        **spec.params(),
         "device": device,
-        "precision": precision,
         "num_threads": num_threads,
         "embedding_column": embedding_column,
         "caption_column": caption_column,

@@ -15,20 +15,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from laion_ray.clip_model import (
-    DEFAULT_MODEL,
-    check_source,
-    clip_spec,
-    default_embedding_column,
-    embed_texts,
-    load_clip_in_actor,
-)
+from laion_ray.clip_model import DEFAULT_MODEL, ModelSpec, default_embedding_column, embed_texts
 from laion_ray.errors import LaionRayError
 from laion_ray.udf import UDF, register
 from laion_ray.udfs.clip import check_name, list_to_numpy
 
 logger = logging.getLogger(__name__)
 
+# Prompts are embedded once per actor: full precision costs nothing.
+PROMPT_PRECISION = "fp32"
 DEFAULT_PROMPTS: dict[str, str] = {
     "safe": "a safe photo",
     "nsfw": "an explicit nsfw photo",
@@ -50,11 +45,6 @@ class ClipModeration:
     def __init__(
         self,
         *,
-        model: str,
-        pretrained: str | None,
-        checkpoint: str | None,
-        random_weights: bool,
-        seed: int,
         device: str | None,
         prompts: Mapping[str, str | Sequence[str]],
         embedding_column: str,
@@ -63,18 +53,13 @@ class ClipModeration:
         use_nsfw_flag: bool,
         nsfw_label: str,
         nsfw_threshold: float,
+        **spec_params: Any,
     ) -> None:
         import torch
 
-        net, _, tokenizer, info = load_clip_in_actor(
-            model,
-            pretrained=pretrained,
-            checkpoint=checkpoint,
-            allow_random=random_weights,
-            device=device,
-            precision="fp32",
-            seed=seed,
-        )
+        # The prompts are embedded once, in fp32 whatever the device.
+        spec = ModelSpec(**spec_params, precision=PROMPT_PRECISION)
+        net, _, tokenizer, info = spec.load_in_actor(device=device)
         self.device = info["device"]  # where it ran, for the job report
         device = torch.device(self.device)
         self.labels = list(prompts)
@@ -204,12 +189,11 @@ def make_moderation_clip(
     Returns:
         ``[moderation-clip]``.
     """
-    model = check_name(model, "model")
-    check_source(model, pretrained, checkpoint, bool(random_weights))
-    clip_spec(model, pretrained)  # unknown model or tag fails here, not in an actor
+    spec = ModelSpec(model, pretrained, checkpoint, random_weights, seed).checked()
+    spec.config()  # unknown model or tag fails here, not in an actor
     prompts = _check_prompts(DEFAULT_PROMPTS if prompts is None else prompts)
     embedding_column = check_name(
-        embedding_column or default_embedding_column(model), "embedding_column"
+        embedding_column or default_embedding_column(spec.model), "embedding_column"
     )
     column, score_column = check_name(column, "column"), check_name(score_column, "score_column")
     if column == score_column:
@@ -217,11 +201,7 @@ def make_moderation_clip(
     if use_nsfw_flag and nsfw_label not in prompts:
         raise LaionRayError(f"nsfw_label {nsfw_label!r} is not a prompt label: {list(prompts)}")
     params = {
-        "model": model,
-        "pretrained": pretrained,
-        "checkpoint": checkpoint,
-        "random_weights": bool(random_weights),
-        "seed": int(seed),
+        **spec.params(precision=False),  # fixed: PROMPT_PRECISION
         "device": device,
         "prompts": prompts,
         "embedding_column": embedding_column,
