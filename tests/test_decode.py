@@ -464,9 +464,8 @@ def _mixed_dataset(uri: str) -> dict[int, str]:
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_backfill_decode_device_fused_with_moderation_equals_decode_cpu(tmp_path, tiny_model):
-    from laion_ray.error_log import checkpoint_root, list_errors
-
     from laion_ray.backfill import backfill
+    from laion_ray.engine.error_log import list_errors
     from laion_ray.history import format_history, job_history
 
     results = {}
@@ -492,7 +491,7 @@ def test_backfill_decode_device_fused_with_moderation_equals_decode_cpu(tmp_path
     for decode, (uri, report) in results.items():
         # Only the two corrupt rows fail; the job goes on.
         assert report.rows_failed == 2 and report.rows_processed == len(names_by_key), decode
-        errors = list_errors(checkpoint_root(uri))
+        errors = list_errors(uri)
         bad = {names_by_key[k] for k in errors["key"].to_pylist()}
         assert bad == {"truncated", "html"}, decode
     device_rows = tables["device"][column].to_pylist()

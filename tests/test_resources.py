@@ -194,8 +194,11 @@ def test_plan_line_is_prose():
     growing = Capacity.of({"CPU": 8, "GPU": 2}, {"CPU": 34, "GPU": 8}, nodes=3)
     line = format_plan(plan_stages(make_clip_embed(**MODEL), growing, Overrides()))
     assert line.startswith("cluster: 8 CPUs, 2 GPUs, 3 nodes (autoscales to 34 CPUs, 8 GPUs) · ")
-    assert "clip-preprocess: tasks of 0.25 CPU, 32 CPUs in all" in line
+    # decode=auto on GPUs decodes in the actors: 2 task CPUs per GPU for the headers.
+    assert "clip-preprocess: tasks of 0.25 CPU, 16 CPUs in all" in line
     assert line.endswith("clip-embed: 1..8 actors of 1 CPU + 1 GPU")
+    on_cpus = format_plan(plan_stages(make_clip_embed(**MODEL, decode="cpu"), growing, Overrides()))
+    assert "clip-preprocess: tasks of 0.25 CPU, 32 CPUs in all" in on_cpus
     assert "{" not in line and "\n" not in line
 
 
