@@ -803,14 +803,7 @@ def _dispatch(args: argparse.Namespace, *, log_config: bool, log_path: str | Non
 
     try:
         if log_config:
-            from laion_ray.storage import mask_secrets, resolve_storage_options
-
-            config = {k: v for k, v in vars(args).items() if k != "handler"}
-            for key in ("storage_option", "source_storage_option"):
-                if key in config:  # what the job will use, AWS_* environment included
-                    options = dict(o.partition("=")[::2] for o in config[key] or ())
-                    config[key] = mask_secrets(resolve_storage_options(options))
-            logging.getLogger("laion_ray").info("%s config: %s", args.command, config)
+            logging.getLogger("laion_ray").info("%s config: %s", args.command, _loggable(args))
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("laion-ray: interrupted", file=terminal())
@@ -829,6 +822,26 @@ def _dispatch(args: argparse.Namespace, *, log_config: bool, log_path: str | Non
             file=terminal(),
         )
         return 1
+
+
+def _loggable(args: argparse.Namespace) -> dict[str, object]:
+    """The parsed flags with every secret masked: storage options of any store
+    (what the job will use, ``AWS_*`` environment included) and UDF parameters."""
+    from laion_ray.storage import mask_secrets, resolve_storage_options
+
+    config = {k: v for k, v in vars(args).items() if k != "handler"}
+    for key in ("storage_option", "source_storage_option", "dest_storage_option"):
+        if key in config and (key == "storage_option" or config[key] is not None):
+            options = dict(o.partition("=")[::2] for o in config[key] or ())
+            config[key] = mask_secrets(resolve_storage_options(options))
+    if config.get("param"):
+        masked = []
+        for pair in config["param"]:
+            target, _, value = pair.partition("=")
+            name = target.rpartition(".")[2]
+            masked.append(f"{target}={mask_secrets({name: value})[name]}")
+        config["param"] = masked
+    return config
 
 
 def _find_user_error(exc: BaseException | None) -> LaionRayError | None:

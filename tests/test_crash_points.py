@@ -67,7 +67,7 @@ def _killed_at(point: str, argv: list[str], nth: int = 1, **env: str) -> None:
         env=_env(LAION_RAY_FAILPOINTS=spec, **env),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=120,
         start_new_session=True,
     )
     assert done.returncode == -signal.SIGKILL, (

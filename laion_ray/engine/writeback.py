@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from laion_ray.errors import JobFailed
-from laion_ray.storage import PinnedVersion, cached_dataset, open_dataset
+from laion_ray.storage import PinnedVersion, open_dataset
 
 from . import checkpoint as ckpt
 from .assemble import AssembledFragment, MissingPart, assemble_fragment
@@ -121,6 +121,7 @@ class WriteBack:
         self.states: dict[int, FragmentState] = {s.fragment_id: s for s in plan.states}
         self.pinned = PinnedVersion(**manifest["pinned"])
         self.columns_ready = False
+        self._pinned_ds = None
         self._commits = 0
         self.committed_batches = 0  # commits that wrote column files (the report's count)
 
@@ -177,7 +178,15 @@ class WriteBack:
         A unit that silently produced nothing never reaches a commit. Costs one
         count per fragment at commit time (a scan of the filter's columns).
         """
-        ds = cached_dataset(self.job.uri, pinned=self.pinned, storage_options=self.storage_options)
+        if self._pinned_ds is None:
+            # The driver's own open of the pinned version, not the one the local
+            # executor's reader threads share: a count on that object while its
+            # scans run in other threads hung inside Lance (pylance 14.0.2, about
+            # one run in 45 on a loaded 2-core machine; none in 220 with its own).
+            self._pinned_ds = open_dataset(
+                self.job.uri, version=self.pinned.version, storage_options=self.storage_options
+            )
+        ds = self._pinned_ds
         where = self.manifest["filter"]
         for f in fragments:
             written = self.ledger.counts(f)[0]
