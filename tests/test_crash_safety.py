@@ -208,7 +208,7 @@ def test_records_received_twice_count_their_rows_once(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_an_unreadable_errors_table_stops_the_job_instead_of_recomputing_known_bad_rows(
-    s3_server, faulty_s3
+    s3_server, faulty_s3, capsys
 ):
     proxy, through_proxy = faulty_s3
     uri = s3_server.uri("safety", "errors-unreadable.lance")
@@ -220,7 +220,9 @@ def test_an_unreadable_errors_table_stops_the_job_instead_of_recomputing_known_b
     lance.write_dataset(sample_table(100, seed=10, start_key=ROWS), uri, mode="append",
                         storage_options=s3_server.storage_options)  # fmt: skip
     proxy.refuse("GET", r"/_laion_ray/errors\.lance/")
+    capsys.readouterr()
     assert main(argv) == 1  # a store failure, not "no errors table" (nor bad input)
+    assert "cannot read the errors table" in capsys.readouterr().err
     proxy.clear()
     out = json.dumps(list_errors(uri, storage_options=s3_server.storage_options).to_pylist(),
                      default=str)  # fmt: skip
