@@ -1,4 +1,7 @@
-"""Ray Data source: one read task per work unit (kept apart so local runs skip importing Ray Data)."""
+"""Ray Data source: one read task per group of consecutive work units.
+
+Kept apart so that local runs skip importing Ray Data.
+"""
 
 from __future__ import annotations
 

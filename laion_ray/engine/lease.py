@@ -1,7 +1,7 @@
 """One driver per job: a lease with a heartbeat, next to the job's checkpoint.
 
 Two drivers of the same job (a resubmit while the first still runs) would both
-append to the ledger, both rewrite ``job.json``, and the first to finish would
+write parts and commit the same fragments, and the first to finish would
 delete the checkpoint under the second. So a driver first takes the job's
 lease and holds it until it returns.
 
