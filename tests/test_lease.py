@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import lance
-import obstore
 import pytest
 
 from laion_ray.engine.lease import JobLease, LeaseHeld, LeaseLost, _name
@@ -28,11 +27,11 @@ def _generations(lease: JobLease) -> list[int]:
 
 
 def _write_holder(lease: JobLease, generation: int, holder: dict) -> None:
-    obstore.put(lease.store, _name(generation), json.dumps(holder).encode())
+    lease.store.put(_name(generation), json.dumps(holder).encode(), "overwrite")
 
 
 def _read_holder(lease: JobLease, generation: int) -> dict:
-    return json.loads(bytes(obstore.get(lease.store, _name(generation)).bytes()))
+    return json.loads(lease.store.get(_name(generation))[0])
 
 
 def _remote_holder(
@@ -399,3 +398,23 @@ def test_a_rerun_right_after_a_sigkill_does_not_wait_for_the_lease_to_expire(tmp
     assert taken.name == "000000000001.json" and after["released"]
     assert after["since"] - holder["heartbeat"] < 20.0
     _ratios_are_complete(uri)
+
+
+def test_import_and_a_local_backfill_need_no_obstore(tmp_path):
+    """An offline GPU machine gets no obstore (../shared/tools/device_kit.sh packs none).
+
+    ``import laion_ray`` and a job whose lease is on local disk run without it:
+    obstore is imported for an object store only.
+    """
+    uri = str(tmp_path / "d.lance")
+    write_sample(uri, rows=60, fragments=2, seed=23)
+    code = (
+        "import sys; sys.modules['obstore'] = None  # any import of it fails\n"
+        "import laion_ray\n"
+        f"laion_ray.backfill({uri!r}, udfs=['aspect-ratio'], executor='local')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (lease_file,) = _lease_files(uri)
+    assert json.loads(lease_file.read_text())["released"]
+    assert lance.dataset(uri).to_table(columns=["aspect_ratio"]).num_rows == 60

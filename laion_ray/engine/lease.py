@@ -11,13 +11,17 @@ file is a holder (host, pid, run id, since, heartbeat sequence number
 so removing a finished job's checkpoint never resets the generations; a
 released lease stays as one small file per job.
 
-**Taking a generation** is an atomic create-if-absent through obstore's
-``put(mode="create")`` (the Rust object_store crate, as Lance uses): a
-no-replace link on local disk (the same guarantee as ``O_EXCL``),
-``If-None-Match: *`` on S3 and Azure, ``x-goog-if-generation-match: 0`` on
-GCS. Of several drivers racing for the next generation exactly one gets it.
-A create whose reply was lost and that object_store retried comes back as
-"already exists": the file is then read, and it is ours if it holds our bytes.
+**Taking a generation** is an atomic create-if-absent. On local disk it
+takes the standard library alone (an offline GPU machine may lack obstore):
+the body is written to a temp file, synced, and hard-linked to its name,
+which fails if the name exists (the guarantee of ``O_EXCL``, and the content
+appears whole with the name). On an object store it is obstore's
+``put(mode="create")`` (the Rust object_store crate, as Lance uses; imported
+only then): ``If-None-Match: *`` on S3 and Azure,
+``x-goog-if-generation-match: 0`` on GCS. Of several drivers racing for the
+next generation exactly one gets it. A create whose reply was lost and that
+object_store retried comes back as "already exists": the file is then read,
+and it is ours if it holds our bytes.
 
 **A store that accepts but ignores the conditional header** (some
 S3-compatible servers, or a proxy that drops it) would let every racer
@@ -33,7 +37,7 @@ per job start.
 **Heartbeat.** The holder renews its file every ``HEARTBEAT_S``, incrementing
 ``beats``. Each renewal first checks that no newer generation exists and that
 its file still holds its own run, then replaces it conditionally on the e-tag
-it just read (local disk, which has no e-tags, overwrites what it read). A
+it just read (on local disk, a synced temp file renamed over what it read). A
 renewal that finds either changed marks the lease lost: the holder stops
 before its next commit.
 
@@ -74,20 +78,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
-import obstore
-from obstore.exceptions import (
-    AlreadyExistsError,
-    BaseError,
-    InvalidPathError,
-    NotSupportedError,
-    PermissionDeniedError,
-    PreconditionError,
-    UnauthenticatedError,
-)
-from obstore.store import LocalStore
-
 from laion_ray.errors import JobFailed, StorageError, brief
-from laion_ray.storage import join_uri, object_store, resolve_storage_options
+from laion_ray.storage import is_local, join_uri, object_store, resolve_storage_options
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +92,6 @@ IO_ATTEMPTS = 4
 IO_BACKOFF_S = 0.1
 
 UNREADABLE = {"host": "?", "pid": -1, "run": "?", "since": 0.0, "beats": -1, "released": False}
-# Errors no retry fixes; they surface at once as a StorageError.
-_PERMANENT = (PermissionDeniedError, UnauthenticatedError, InvalidPathError, NotSupportedError)
-_EXISTS = (AlreadyExistsError, PreconditionError)
 
 T = TypeVar("T")
 
@@ -163,12 +152,16 @@ class JobLease:
         self.ttl_s, self.heartbeat_s = ttl_s, min(heartbeat_s, ttl_s / 4)
         self.uri = join_uri(root, "leases", fingerprint)
         self.fingerprint = fingerprint
-        # A renewal must give up well before the lease would expire.
-        self.store = object_store(
-            self.uri,
-            resolve_storage_options(storage_options),
-            retry_timeout_s=max(2.0, self.heartbeat_s),
-        )
+        if is_local(self.uri):
+            self.store: _LocalFiles | _ObjectFiles = _LocalFiles(self.uri)
+        else:  # a renewal must give up well before the lease would expire
+            self.store = _ObjectFiles(
+                object_store(
+                    self.uri,
+                    resolve_storage_options(storage_options),
+                    retry_timeout_s=max(2.0, self.heartbeat_s),
+                )
+            )
         self.holder = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -181,7 +174,7 @@ class JobLease:
         self.generation: int | None = None
         self.lost: str | None = None
         self._last_ok = 0.0  # monotonic time of this driver's last successful write
-        self._local = isinstance(self.store, LocalStore)
+        self._local = isinstance(self.store, _LocalFiles)
         self._lock = threading.Lock()  # one renewal at a time: heartbeat thread vs fence
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -218,7 +211,7 @@ class JobLease:
                 self.generation = candidate
                 for old in generations:
                     with contextlib.suppress(StorageError, FileNotFoundError):
-                        self._io("delete", lambda g=old: obstore.delete(self.store, _name(g)))
+                        self._io("delete", lambda g=old: self.store.delete(_name(g)))
                 self._thread = threading.Thread(
                     target=self._heartbeat, name="laion-ray-lease", daemon=True
                 )
@@ -369,14 +362,11 @@ class JobLease:
             return False
         body = self._body()
         if self._local:  # no e-tags on local disk; only this run writes its generation there
-            self._io("renew", lambda: obstore.put(self.store, name, body, mode="overwrite"))
+            self._io("renew", lambda: self.store.put(name, body, "overwrite"))
         else:
             try:
-                self._io(
-                    "renew",
-                    lambda: obstore.put(self.store, name, body, mode={"e_tag": current[1]}),
-                )
-            except _EXISTS:
+                self._io("renew", lambda: self.store.put(name, body, {"e_tag": current[1]}))
+            except self.store.exists:
                 landed = self._get(name)
                 if landed is None or landed[0] != body:  # changed under us, not a retried write
                     self.lost = (
@@ -393,11 +383,11 @@ class JobLease:
         for attempt in range(IO_ATTEMPTS):
             try:
                 return fn()
-            except (FileNotFoundError, *_EXISTS):
+            except (FileNotFoundError, *self.store.exists):
                 raise
-            except _PERMANENT as exc:
+            except self.store.permanent as exc:
                 raise StorageError(f"lease {what} at {self.uri} failed: {brief(exc)}") from exc
-            except (BaseError, OSError) as exc:
+            except self.store.transient as exc:
                 if attempt == IO_ATTEMPTS - 1:
                     raise StorageError(
                         f"lease {what} at {self.uri} failed {IO_ATTEMPTS} times: {brief(exc)}"
@@ -409,11 +399,8 @@ class JobLease:
         return json.dumps(self.holder, sort_keys=True).encode()
 
     def _generations(self) -> list[int]:
-        def listing() -> list[str]:
-            return [meta["path"] for chunk in obstore.list(self.store) for meta in chunk]
-
         try:
-            names = self._io("list", listing)
+            names = self._io("list", self.store.names)
         except FileNotFoundError:
             return []
         stems = (n.rsplit("/", 1)[-1].removesuffix(".json") for n in names if n.endswith(".json"))
@@ -421,13 +408,8 @@ class JobLease:
 
     def _get(self, name: str) -> tuple[bytes, str | None] | None:
         """``(bytes, e-tag)`` of ``name``, or None if it does not exist."""
-
-        def get() -> tuple[bytes, str | None]:
-            result = obstore.get(self.store, name)
-            return bytes(result.bytes()), result.meta.get("e_tag")
-
         try:
-            return self._io("read", get)
+            return self._io("read", lambda: self.store.get(name))
         except FileNotFoundError:
             return None
 
@@ -442,8 +424,8 @@ class JobLease:
         """Create ``generation`` if absent; True if this driver's file is the one there."""
         name, body = _name(generation), self._body()
         try:
-            self._io("create", lambda: obstore.put(self.store, name, body, mode="create"))
-        except _EXISTS:
+            self._io("create", lambda: self.store.put(name, body, "create"))
+        except self.store.exists:
             theirs = self._get(name)
             if theirs is None or theirs[0] != body:
                 return False
@@ -453,13 +435,15 @@ class JobLease:
 
     def _check_conditional_create(self) -> None:
         """Refuse a store that accepts a create-if-absent of an existing object."""
+        from obstore.exceptions import NotSupportedError  # an object store: obstore is there
+
         probe = f"probe-{self.holder['run']}.json"
-        with contextlib.suppress(*_EXISTS):  # a retried first create finds itself
-            self._io("probe", lambda: obstore.put(self.store, probe, b"1", mode="create"))
+        with contextlib.suppress(*self.store.exists):  # a retried first create finds itself
+            self._io("probe", lambda: self.store.put(probe, b"1", "create"))
         try:
-            self._io("probe", lambda: obstore.put(self.store, probe, b"2", mode="create"))
+            self._io("probe", lambda: self.store.put(probe, b"2", "create"))
             ignored = True
-        except _EXISTS:
+        except self.store.exists:
             ignored = False
         except (NotImplementedError, StorageError) as exc:
             cause = exc.__cause__ if isinstance(exc, StorageError) else exc
@@ -470,7 +454,7 @@ class JobLease:
             ) from exc
         finally:
             with contextlib.suppress(StorageError, FileNotFoundError):
-                self._io("delete", lambda: obstore.delete(self.store, probe))
+                self._io("delete", lambda: self.store.delete(probe))
         if ignored:
             raise ConditionalWritesIgnored(
                 f"the store of {self.uri} accepted a create-if-absent (If-None-Match: *) of an "
@@ -495,3 +479,100 @@ def _parse(body: bytes) -> dict | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return holder if isinstance(holder, dict) and "run" in holder else None
+
+
+class _LocalFiles:
+    """The lease's directory on local disk, through the standard library alone.
+
+    A write lands whole or not at all: the body goes to a synced temp file in
+    the same directory, which is then hard-linked to its name for a create
+    (``link`` fails if the name exists, as ``O_EXCL`` would) or renamed over
+    it for an overwrite. Readers never see a half-written holder.
+    """
+
+    exists = (FileExistsError,)
+    permanent = (PermissionError, IsADirectoryError, NotADirectoryError)  # no retry fixes these
+    transient = (OSError,)
+
+    def __init__(self, uri: str):
+        self.path = os.path.abspath(uri.removeprefix("file://"))
+        os.makedirs(self.path, exist_ok=True)
+
+    def put(self, name: str, body: bytes, mode: str) -> None:
+        """Write ``name``; ``mode`` ``"create"`` raises ``FileExistsError`` if it exists."""
+        if mode not in ("create", "overwrite"):
+            raise ValueError(f"local disk has no e-tags: put mode {mode!r}")
+        os.makedirs(self.path, exist_ok=True)  # the checkpoint root may have been removed
+        temp = os.path.join(self.path, f".{name}.{uuid.uuid4().hex}.tmp")
+        # Mode 0o666 less the umask, as any new file (another user's driver reads it).
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            target = os.path.join(self.path, name)
+            if mode == "create":
+                os.link(temp, target)
+            else:
+                os.replace(temp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+
+    def get(self, name: str) -> tuple[bytes, None]:
+        return Path(self.path, name).read_bytes(), None
+
+    def names(self) -> list[str]:
+        return os.listdir(self.path)
+
+    def delete(self, name: str) -> None:
+        os.unlink(os.path.join(self.path, name))
+
+
+class _ObjectFiles:
+    """The lease's prefix on an object store, through obstore (imported only for one)."""
+
+    def __init__(self, store):
+        from obstore.exceptions import (
+            AlreadyExistsError,
+            BaseError,
+            InvalidPathError,
+            NotSupportedError,
+            PermissionDeniedError,
+            PreconditionError,
+            UnauthenticatedError,
+        )
+
+        self.store = store
+        # "Exists" is also a conditional replace whose e-tag no longer matches.
+        self.exists = (AlreadyExistsError, PreconditionError)
+        self.permanent = (
+            PermissionDeniedError,
+            UnauthenticatedError,
+            InvalidPathError,
+            NotSupportedError,
+        )
+        self.transient = (BaseError, OSError)
+
+    def put(self, name: str, body: bytes, mode: str | dict) -> None:
+        """Write ``name``; ``mode`` is obstore's (``"create"``, ``"overwrite"``, an e-tag)."""
+        import obstore
+
+        obstore.put(self.store, name, body, mode=mode)
+
+    def get(self, name: str) -> tuple[bytes, str | None]:
+        import obstore
+
+        result = obstore.get(self.store, name)
+        return bytes(result.bytes()), result.meta.get("e_tag")
+
+    def names(self) -> list[str]:
+        import obstore
+
+        return [meta["path"] for chunk in obstore.list(self.store) for meta in chunk]
+
+    def delete(self, name: str) -> None:
+        import obstore
+
+        obstore.delete(self.store, name)
