@@ -126,6 +126,58 @@ def test_a_remote_holder_whose_heartbeat_moves_is_alive(root):
         thread.join()
 
 
+def _local_holder(lease: JobLease, generation: int, pid: int, started: int | None) -> None:
+    """A lease file as a driver on this host wrote it: pid ``pid``, started at ``started``."""
+    _remote_holder(lease, generation, host=lease.holder["host"], pid=pid, started=started)
+
+
+def _start_ticks(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def test_a_holder_records_when_its_process_started(tmp_path):
+    with JobLease(str(tmp_path / "ckpt"), "started") as lease:
+        holder = _read_holder(lease, 0)
+        assert holder["pid"] == os.getpid() and holder["started"] == _start_ticks(os.getpid())
+
+
+@pytest.mark.parametrize("whose", ["another process", "this driver"])
+def test_a_dead_drivers_pid_running_again_does_not_hold_the_lease(tmp_path, whose):
+    """The holder's pid runs, but a process that started later: the driver is gone.
+
+    Another process got the pid (pids wrap), or this very driver did (a
+    restarted container numbers its processes alike). Taken at once, long
+    before the ttl.
+    """
+    contender = JobLease(str(tmp_path / "ckpt"), "reused", ttl_s=60.0)
+    with subprocess.Popen(["sleep", "60"]) as other:
+        pid = other.pid if whose == "another process" else os.getpid()
+        _local_holder(contender, 2, pid, started=_start_ticks(pid) - 100)
+        started = time.monotonic()
+        try:
+            with contender:
+                assert contender.generation == 3 and _generations(contender) == [3]
+            assert time.monotonic() - started < 10.0
+        finally:
+            other.kill()
+
+
+def test_a_live_driver_on_this_host_holds_the_lease(tmp_path):
+    """Its pid runs the process that started when the holder did: LeaseHeld at first sight."""
+    contender = JobLease(str(tmp_path / "ckpt"), "alive-here", ttl_s=60.0)
+    with subprocess.Popen(["sleep", "60"]) as other:
+        try:
+            _local_holder(contender, 0, other.pid, started=_start_ticks(other.pid))
+            with pytest.raises(LeaseHeld, match=f"held by driver pid {other.pid} on "):
+                contender.acquire()
+            other.kill()
+            other.wait()
+            with contender:  # once it died, its lease is taken at once
+                assert contender.generation == 1
+        finally:
+            other.kill()
+
+
 def test_a_holder_that_stalled_past_expiry_learns_it_lost_the_lease(tmp_path):
     uri = str(tmp_path / "ckpt")
     stalled = JobLease(uri, "job", ttl_s=1.0, heartbeat_s=0.2).acquire()

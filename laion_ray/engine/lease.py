@@ -6,10 +6,10 @@ delete the checkpoint under the second. So a driver first takes the job's
 lease and holds it until it returns.
 
 Layout: ``<checkpoint root>/leases/<fingerprint>/<generation>.json``. Each
-file is a holder (host, pid, run id, since, heartbeat sequence number
-``beats``). The files live beside the job's checkpoint directory, not in it,
-so removing a finished job's checkpoint never resets the generations; a
-released lease stays as one small file per job.
+file is a holder (host, pid, the process's start ``started``, run id, since,
+heartbeat sequence number ``beats``). The files live beside the job's
+checkpoint directory, not in it, so removing a finished job's checkpoint never
+resets the generations; a released lease stays as one small file per job.
 
 **Taking a generation** is an atomic create-if-absent. On local disk it
 takes the standard library alone (an offline GPU machine may lack obstore):
@@ -45,9 +45,12 @@ before its next commit.
 clocks across hosts. A driver that finds the lease held:
 
 - takes it over at once when the holder has ``released`` it, or, on the same
-  host, when the holder's pid is gone (a rerun after a SIGKILL starts at once);
+  host, when the holder's process is gone (a rerun after a SIGKILL starts at
+  once). A process is its pid *and* its start: once a driver died, its pid may
+  be given to another process, or to this very driver (a restarted container
+  numbers its processes alike), and neither holds the lease;
 - exits with :class:`LeaseHeld` (who holds it, since when) as soon as it sees
-  the holder alive: its pid runs on this host, or its ``beats`` move;
+  the holder alive: its process runs on this host, or its ``beats`` move;
 - takes it over when ``beats`` has not moved for ``LEASE_TTL_S`` by its own
   monotonic clock (on another host a rerun waits that long).
 
@@ -116,17 +119,47 @@ def _iso(epoch: float) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _pid_alive(pid: int) -> bool:
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3 on of ``/proc/<pid>/stat`` (state first); None if no such process."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):  # a zombie is dead for our purpose
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()  # the command name before ")" may hold spaces
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot; None where unknown.
+
+    Field 22 of ``/proc/<pid>/stat`` (Linux): exact, and never moved by a step
+    of the host's clock, unlike an epoch time.
+    """
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def _runs_here(holder: dict) -> bool:
+    """Whether the holder's driver process still runs (the holder is on this host).
+
+    The process found under the holder's pid must also have started when the
+    holder's did: once the driver died, its pid may be given to another process.
+    Without ``/proc`` (not Linux), or for a holder that recorded no start, the
+    pid is all there is to go by.
+    """
+    pid = holder["pid"]
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process
+            pass
+        return True
+    fields = _proc_stat(pid)
+    if fields is None or fields[0] == "Z":  # gone, or a zombie: dead for our purpose
+        return False
+    started = holder.get("started")
+    return started is None or int(fields[19]) == started
 
 
 class JobLease:
@@ -165,6 +198,7 @@ class JobLease:
         self.holder = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "started": _process_start(os.getpid()),
             "run": uuid.uuid4().hex,
             "since": None,
             "heartbeat": None,
@@ -286,7 +320,7 @@ class JobLease:
         if holder["released"]:
             return True
         same_host = holder["host"] == self.holder["host"]
-        if same_host and not _pid_alive(holder["pid"]):
+        if same_host and not _runs_here(holder):
             return True  # its driver died on this host: no need to wait
         seen = watched.get(generation)
         if seen is None:
