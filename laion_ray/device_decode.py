@@ -20,8 +20,13 @@ into the normalised float tensor the model takes, on the actor's own device:
 * A row the device decoder does not take (PNG, WebP, GIF, CMYK, progressive,
   another sampling, a JPEG without its end marker, or one the batched decoder
   rejects) is decoded by :func:`laion_ray.preprocess.preprocess_image` on the
-  host, for that row only (the fallback, counted). A row that decoder refuses
-  too is a row error, with the decoder's own message.
+  host, for that row only (the fallback, counted), in a few threads
+  (simplejpeg, OpenCV and PIL release the GIL). A row that decoder refuses too
+  is a row error, with the decoder's own message.
+* Nothing here makes the host wait for the device: on CUDA every host-to-device
+  copy (pixels of host rows, row indices) is made from pinned memory without
+  blocking, so it is queued behind the model's forward of the previous chunk
+  instead of waiting for it.
 
 torch and torchvision are imported when a :class:`DevicePreprocess` is made.
 
@@ -35,8 +40,10 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -57,6 +64,10 @@ _TO_YCBCR = (
     (-0.168735892, -0.331264108, 0.5),
     (0.5, -0.418687589, -0.081312411),
 )
+# Host fallback rows (PNG, WebP, progressive...) are a small share of a chunk:
+# a few threads keep one slow image from holding up the others without taking
+# the cores of the actor's neighbours.
+HOST_DECODE_THREADS = 4
 
 
 @dataclasses.dataclass
@@ -117,6 +128,7 @@ class DevicePreprocess:
                 and decoder_repeats_chroma(lambda data: self._decode([data], [0])[0])
             )
         self.interpolate_chroma = bool(interpolate_chroma)
+        self._pool: ThreadPoolExecutor | None = None  # made at the first chunk with host rows
 
     def __call__(self, images: Sequence[bytes], routes: Sequence[int] | None = None) -> Prepared:
         """Decode, resize, crop and normalise one chunk of rows.
@@ -140,7 +152,7 @@ class DevicePreprocess:
         errors = self._host_rows(images, host, out)
         ok = np.ones(n, dtype=bool)
         ok[list(errors)] = False
-        pixels = out if ok.all() else out[torch.from_numpy(np.flatnonzero(ok)).to(self.device)]
+        pixels = out if ok.all() else out[self._to_device(np.flatnonzero(ok))]
         pixels.sub_(self.mean).div_(self.std)
         # Host rows are a fallback only while the device decoder is the one in use.
         fallback = len(host) if self.device_decoder and routes is not None else 0
@@ -164,7 +176,7 @@ class DevicePreprocess:
             batch = self.torch.stack([by_row[i] for i in members]).float()
             if self.interpolate_chroma and CHROMA_FACTORS[route] != (1, 1):
                 batch = interpolate_chroma(batch, CHROMA_FACTORS[route])
-            index = self.torch.tensor(members, device=self.device)
+            index = self._to_device(np.asarray(members))
             out.index_copy_(0, index, self._resize_crop(batch, height, width))
         return rejected
 
@@ -211,22 +223,46 @@ class DevicePreprocess:
 
     def _host_rows(self, images: Sequence[bytes], rows: list[int], out: Any) -> dict[int, str]:
         """Decode ``rows`` with the host decoder into ``out``; returns the rows' errors."""
-        errors: dict[int, str] = {}
-        done: list[int] = []
-        pixels = []
-        for i in rows:
-            try:
-                pixels.append(preprocess_image(images[i], self.spec))
-            except ImageDecodeError as exc:
-                errors[i] = str(exc)
-                continue
-            done.append(i)
+        decoded = self._map(lambda i: _decode_on_host(images[i], self.spec), rows)
+        errors = {i: d for i, d in zip(rows, decoded, strict=True) if isinstance(d, str)}
+        done = [i for i in rows if i not in errors]
         if done:
-            torch = self.torch
-            batch = torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)
-            index = torch.tensor(done, device=self.device)
-            out.index_copy_(0, index, batch.permute(0, 3, 1, 2).float())
+            pixels = np.stack([d for d in decoded if not isinstance(d, str)])
+            batch = self._to_device(self.torch.from_numpy(pixels))
+            out.index_copy_(0, self._to_device(np.asarray(done)), batch.permute(0, 3, 1, 2).float())
         return errors
+
+    def _map(self, fn: Callable[[int], Any], rows: list[int]) -> list[Any]:
+        """``[fn(i) for i in rows]``, in order, in a few threads when there are several."""
+        if len(rows) < 2:
+            return [fn(i) for i in rows]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                HOST_DECODE_THREADS, thread_name_prefix="laion-ray-host-decode"
+            )
+        return list(self._pool.map(fn, rows))
+
+    def _to_device(self, host: Any) -> Any:
+        """A host array or tensor on the device, without making the host wait.
+
+        A blocking copy (``torch.tensor(..., device="cuda")``) waits for all the
+        work queued on the stream first, the model's forward of the previous
+        chunk included, and so may a copy from pageable memory. One from pinned
+        memory with ``non_blocking`` is queued behind that work instead; torch's
+        caching host allocator keeps the pinned buffer until the copy has run.
+        """
+        tensor = self.torch.as_tensor(host)
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+
+def _decode_on_host(data: bytes, spec: PixelSpec) -> np.ndarray | str:
+    """:func:`~laion_ray.preprocess.preprocess_image`'s pixels, or its message for a bad image."""
+    try:
+        return preprocess_image(data, spec)
+    except ImageDecodeError as exc:
+        return str(exc)
 
 
 def crop_or_pad(batch: Any, size: tuple[int, int], fill: int) -> Any:
@@ -273,11 +309,7 @@ def interpolate_chroma(rgb: Any, factors: tuple[int, int]) -> Any:
     import torch
 
     functional = torch.nn.functional
-    # The chroma offsets (128) are left out: interpolation weights sum to one,
-    # so the round trip through this matrix and its inverse is exact without them.
-    to_ycc = torch.tensor(_TO_YCBCR, dtype=torch.float64)
-    to_rgb = torch.linalg.inv(to_ycc).to(rgb.dtype).to(rgb.device)
-    to_ycc = to_ycc.to(rgb.dtype).to(rgb.device)
+    to_ycc, to_rgb = _colour_matrices(rgb.dtype, rgb.device)
     ycc = torch.einsum("ij,kjhw->kihw", to_ycc, rgb)
     height, width = rgb.shape[-2:]
     samples = functional.avg_pool2d(ycc[:, 1:], factors, stride=factors, ceil_mode=True)
@@ -285,6 +317,22 @@ def interpolate_chroma(rgb: Any, factors: tuple[int, int]) -> Any:
     chroma = functional.interpolate(samples, size=full, mode="bilinear", align_corners=False)
     ycc = torch.cat([ycc[:, :1], chroma[..., :height, :width]], dim=1)
     return torch.einsum("ij,kjhw->kihw", to_rgb, ycc).clamp_(0, 255)
+
+
+@functools.lru_cache(maxsize=8)
+def _colour_matrices(dtype: Any, device: Any) -> tuple[Any, Any]:
+    """RGB -> YCbCr and back, made once per device: a copy to the device would
+    make the host wait for the work queued there.
+
+    The chroma offsets (128) are left out: interpolation weights sum to one, so
+    the round trip through the matrix and its inverse is exact without them.
+    """
+    import torch
+
+    with torch.inference_mode(False):  # plain tensors, usable in and out of inference mode
+        to_ycc = torch.tensor(_TO_YCBCR, dtype=torch.float64)
+        to_rgb = torch.linalg.inv(to_ycc)
+        return to_ycc.to(device, dtype), to_rgb.to(device, dtype)
 
 
 def decoder_repeats_chroma(decode: Callable[[bytes], Any]) -> bool:

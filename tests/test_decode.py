@@ -10,6 +10,8 @@ here, on real photographs (:mod:`photos`). The nvJPEG checks are ``gpu``-marked;
 from __future__ import annotations
 
 import io
+import itertools
+import threading
 
 import lance
 import numpy as np
@@ -38,6 +40,7 @@ from laion_ray.preprocess import (
     ROUTE_HOST,
     ImageDecodeError,
     decode_route,
+    preprocess_image,
     preprocess_images,
 )
 from laion_ray.udfs.clip import (
@@ -289,6 +292,48 @@ def test_mixed_batch_embeds_what_decodes_and_fails_only_the_bad_rows(device_acto
     # The engine bisected the failing call to its one bad row; the actor decoded
     # and embedded the rows once, not once per bisection step.
     assert calls == [len(names) - 1]
+
+
+def test_host_rows_decode_in_threads_into_their_own_rows(monkeypatch):
+    """The rows the device decoder does not take decode concurrently (simplejpeg,
+    OpenCV and PIL release the GIL), each into its own row, errors kept by row."""
+    import torch
+
+    import laion_ray.device_decode as device_decode
+
+    cfg = {"size": 64, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
+    prep = DevicePreprocess(cfg, "cpu")
+    images = _mixed()
+    images.pop("html")  # refused by its header: never reaches the actor
+    images["jpeg_444"] = encode(photo("coffee.png"), quality=90, subsampling=0)
+    names, data = list(images), list(images.values())
+    routes = np.array([decode_route(d) for d in data])
+    assert sum(routes == ROUTE_HOST) >= 4 and sum(routes != ROUTE_HOST) >= 2
+    # The first two host rows return only once both are being decoded at once.
+    both = threading.Barrier(2, timeout=20)
+    calls = itertools.count()
+
+    def decode(image, spec):
+        if next(calls) < 2:
+            both.wait()
+        return preprocess_image(image, spec)
+
+    monkeypatch.setattr(device_decode, "preprocess_image", decode)
+    prepared = prep(data, routes)
+
+    assert list(prepared.errors) == [names.index("truncated")]
+    assert "corrupt JPEG" in prepared.errors[names.index("truncated")]
+    assert prepared.fallback == sum(routes == ROUTE_HOST)
+    ok = [i for i in range(len(data)) if i not in prepared.errors]
+    assert prepared.ok.tolist() == [i in ok for i in range(len(data))]
+    mean = torch.tensor(cfg["mean"]).view(3, 1, 1) * 255
+    std = torch.tensor(cfg["std"]).view(3, 1, 1) * 255
+    for pixels, i in zip(prepared.pixels, ok, strict=True):
+        if routes[i] == ROUTE_HOST:  # exactly the host decoder's pixels, normalised
+            host = torch.from_numpy(preprocess_image(data[i], prep.spec)).permute(2, 0, 1)
+            assert torch.equal(pixels, (host.float() - mean) / std), names[i]
+        else:
+            assert pixels.shape == (3, 64, 64) and pixels.abs().max() < 10, names[i]
 
 
 # --- the plan -----------------------------------------------------------------------------
@@ -584,3 +629,31 @@ def test_cuda_actor_pipeline_matches_the_cpu_device_actor(device_actor, cuda_act
     gpu = _matrix(cuda_actor(table)[embed.outputs[0]])
     cpu = _matrix(cpu_actor(table)[embed.outputs[0]])
     assert (gpu * cpu).sum(axis=1).min() >= PARITY_MIN_COSINE
+
+
+@pytest.mark.gpu
+def test_a_chunk_never_makes_the_host_wait_for_the_device(cuda_actor, monkeypatch):
+    """Every host-to-device copy of a chunk (host rows' pixels, row indices, the
+    colour matrices) is queued behind the model's work, never waited for: torch's
+    sync debug mode raises on any operation that synchronises with the device."""
+    import torch
+
+    prep = DevicePreprocess(
+        cuda_actor.info["preprocess_cfg"], cuda_actor.device, interpolate_chroma=True
+    )
+    images = {**_mixed(), **crawl_encodings()}
+    images.pop("html")
+    data = list(images.values())
+    routes = np.array([decode_route(d) for d in data])
+    prep(data, routes)  # warm: the colour matrices, the host threads, pinned memory
+    # nvJPEG is torchvision's to schedule: its decode is taken out of the check.
+    rows = [i for i in range(len(data)) if routes[i] != ROUTE_HOST]
+    decoded = dict(zip(rows, prep._decode(data, rows), strict=True))
+    monkeypatch.setattr(prep, "_decode", lambda _images, rows: [decoded[i] for i in rows])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        prepared = prep(data, routes)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(prepared.errors) == 1 and prepared.fallback == sum(routes == ROUTE_HOST)
