@@ -369,9 +369,10 @@ def _parse_params(pairs: list[str], udfs: Sequence[str]) -> dict[str, dict[str, 
     Strict: a malformed flag, a repeated key, a UDF not in ``udfs``, a name the
     UDF does not declare or a value that does not convert is bad input.
     """
-    from laion_ray.udf import typed_params
+    from laion_ray.udf import typed_params, udf_parameters
 
     raw: dict[str, dict[str, str]] = {}
+    repeats: list[tuple[str, str, str]] = []  # (UDF.KEY, first value, repeated value)
     for pair in pairs:
         target, sep, value = pair.partition("=")
         udf_name, dot, key = target.rpartition(".")
@@ -379,12 +380,19 @@ def _parse_params(pairs: list[str], udfs: Sequence[str]) -> dict[str, dict[str, 
             raise LaionRayError(f"--param expects UDF.KEY=VALUE, got {pair!r}")
         given = raw.setdefault(udf_name, {})
         if key in given:
-            raise LaionRayError(
-                f"--param {udf_name}.{key} is given twice ({given[key]!r}, then {value!r}); "
-                "give it once"
-            )
-        given[key] = value
-    return typed_params(udfs, raw)
+            repeats.append((target, given[key], value))
+        else:
+            given[key] = value
+    # A UDF not in the job or a name it lacks is named first, with its parameters.
+    typed = typed_params(udfs, raw)
+    if repeats:
+        target, first, then = repeats[0]
+        udf_name = target.rpartition(".")[0]
+        raise LaionRayError(
+            f"--param {target} is given twice ({first!r}, then {then!r}): give it once; "
+            f"{udf_name} parameters: {udf_parameters(udf_name).describe()}"
+        )
+    return typed
 
 
 @command(

@@ -175,7 +175,17 @@ def _one_error_line(capsys, *needles: str) -> str:
         (["aspect-ratio.nsfw_threshold=0.8"], ["no parameter 'nsfw_threshold'", "num_cpus: float"]),
         (
             ["aspect-ratio.batch_size=100", "aspect-ratio.batch_size=200"],
-            ["aspect-ratio.batch_size is given twice", "'100'", "'200'"],
+            [
+                "aspect-ratio.batch_size is given twice",
+                "'100'",
+                "'200'",
+                "aspect-ratio parameters: num_cpus: float",
+                "batch_size: int",
+            ],
+        ),
+        (  # repeated, and for a UDF not in the job: the latter is what to fix
+            ["moderation-rules.nsfw_threshold=0.8", "moderation-rules.nsfw_threshold=0.9"],
+            ["moderation-rules.nsfw_threshold", "not in this job"],
         ),
         (["aspect-ratio.batch_size=lots"], ["aspect-ratio.batch_size='lots'", "expected int"]),
         (["aspect-ratio.batch_size=1.5"], ["expected int", "batch_size: int"]),
