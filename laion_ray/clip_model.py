@@ -182,7 +182,10 @@ class ModelSpec:
                 named without ``random_weights``.
         """
         if not isinstance(self.model, str) or not self.model:
-            raise LaionRayError(f"model must be a non-empty column name, got {self.model!r}")
+            raise LaionRayError(
+                "model must be an open_clip model name ('ViT-B-32', 'hf-hub:org/repo' or "
+                f"'local-dir:/path'), got {self.model!r}"
+            )
         check_source(self.model, self.pretrained, self.checkpoint, bool(self.random_weights))
         return dataclasses.replace(
             self, random_weights=bool(self.random_weights), seed=int(self.seed)

@@ -162,8 +162,10 @@ def test_one_set_of_checks_for_the_three():
     for factory in FACTORIES.values():
         with pytest.raises(LaionRayError, match="no weights"):
             factory(model="ViT-B-32")
-        with pytest.raises(LaionRayError, match="model must be"):
-            factory(model="", random_weights=True)
+        for bad in ("", None, 32):
+            with pytest.raises(LaionRayError, match="model must be an open_clip model name") as e:
+                factory(model=bad, random_weights=True)
+            assert "column" not in str(e.value) and f"got {bad!r}" in str(e.value)
         with pytest.raises(LaionRayError, match="unknown open_clip model"):
             factory(model="ViT-Nope", random_weights=True)
     for factory in (make_clip_embed, make_clip_score):
