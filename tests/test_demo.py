@@ -32,6 +32,28 @@ def test_force_deletes_it(someones_files):
     assert sorted(p.name for p in someones_files.iterdir()) == [MARKER]
 
 
+class _DemoStarted(LaionRayError):
+    """Raised where the demo's work would begin: its directory was accepted."""
+
+
+def test_cli_force_deletes_it_and_the_demo_goes_on(someones_files, monkeypatch, capsys):
+    """``demo --force`` through the CLI: the directory is emptied and the demo
+    starts (stopped at its first steps, Ray's start and the sample, to stay cheap)."""
+    import laion_ray.ray_env
+    import laion_ray.sample
+
+    def started(*args, **kwargs):
+        raise _DemoStarted("the demo started")
+
+    monkeypatch.setattr(laion_ray.ray_env, "ensure_ray", started)
+    monkeypatch.setattr(laion_ray.sample, "write_sample", started)
+    assert main(["demo", "--dir", str(someones_files), "--force"]) == 2
+    captured = capsys.readouterr()
+    assert "laion-ray: error: the demo started" in captured.err.splitlines()
+    assert f"laion-ray demo in {someones_files}" in captured.out
+    assert sorted(p.name for p in someones_files.iterdir()) == [MARKER]
+
+
 def test_its_own_directory_is_recreated(tmp_path):
     demo = tmp_path / "demo"
     prepare_directory(str(demo))  # missing: made, with the marker
