@@ -24,11 +24,12 @@ import lance
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from laion_ray.errors import LaionRayError
+from laion_ray.errors import LaionRayError, StorageError
 from laion_ray.filters import check_filter, to_lance_sql
 from laion_ray.storage import (
     filesystem,
     is_local,
+    is_storage_failure,
     mask_secrets,
     open_dataset,
     remove_tree,
@@ -140,6 +141,8 @@ def materialize(
     Raises:
         LaionRayError: ``dest`` exists, a column is unknown, the filter is
             invalid, or an argument is out of range.
+        StorageError: A store failed (reading ``src``, writing ``dest``); a
+            partly written ``dest`` is removed.
 
     Examples:
         >>> materialize(  # doctest: +SKIP
@@ -184,6 +187,8 @@ def materialize(
             io_buffer_size=_IO_BUFFER_BYTES,
         ).to_reader()
     except (ValueError, OSError) as exc:
+        if is_storage_failure(exc):
+            raise StorageError(f"cannot read {src}: {_first_line(exc)}") from exc
         raise LaionRayError(f"bad --where {where!r}: {_first_line(exc)}") from exc
 
     counts = {"rows": 0, "bytes": 0}
@@ -219,6 +224,8 @@ def materialize(
             remove_tree(dest, dest_options)
         except Exception:  # cleanup must not mask the real error
             log.warning("could not remove partial output %s", dest)
+        if is_storage_failure(exc):  # reading src or writing dest: a failed job, not bad input
+            raise StorageError(f"writing {dest} failed: {message}") from exc
         if isinstance(exc, (ValueError, OSError)):
             raise LaionRayError(f"writing {dest} failed: {message}") from exc
         raise

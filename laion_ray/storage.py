@@ -39,8 +39,26 @@ _ENV_OPTIONS = {
 # Words that make an option or parameter name a secret's: its value is never
 # printed or stored (logs, reports, commit properties, `ray job logs`).
 SECRET_WORDS = frozenset(
-    {"secret", "token", "password", "passwd", "credential", "credentials", "sas", "session"}
+    {
+        "secret",
+        "token",
+        "password",
+        "passwd",
+        "credential",
+        "credentials",
+        "sas",
+        "session",
+        "authorization",
+    }
 )
+# The words of a name: split at anything not a letter or digit and where case
+# changes (`sasToken`, `APIKey`, `aws_access_key_id`).
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+# Secret words also recognised glued to the word before, in one case (`apikey`,
+# `sastoken`).
+_GLUED = ("key", "token", "secret", "password")
+# How pyarrow's filesystems name a store's own errors (S3, GCS, Azure).
+_ARROW_STORE_ERRORS = ("AWS Error", "google::cloud::Status(", "Azure Error")
 # Checkpoint I/O: attempts and first backoff for transient errors (doubling).
 IO_ATTEMPTS = 6
 IO_BACKOFF_S = 0.1
@@ -76,10 +94,13 @@ def resolve_storage_options(options: Mapping[str, str] | None) -> dict[str, str]
 
 def is_secret(name: str) -> bool:
     """Whether ``name`` names a secret: a word of :data:`SECRET_WORDS`, or ``key``
-    after another word (``aws_access_key_id``, ``account_key``,
-    ``service_account_key``, ``api_key``; not ``key`` or ``key_column``)."""
-    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
-    return bool(SECRET_WORDS.intersection(words)) or "key" in words[1:]
+    after another word (``aws_access_key_id``, ``account_key``, ``apiKey``; not
+    ``key`` or ``key_column``), in any case or spelling (``sasToken``,
+    ``Authorization``, ``apikey``)."""
+    words = [w.lower() for w in _WORD.findall(name)]
+    if SECRET_WORDS.intersection(words) or "key" in words[1:]:
+        return True
+    return any(w.endswith(_GLUED) and w not in _GLUED for w in words)
 
 
 def mask_secrets(options: Mapping[str, object]) -> dict[str, object]:
@@ -122,14 +143,22 @@ def open_dataset(
 
 
 def is_storage_failure(exc: BaseException) -> bool:
-    """Whether a Lance error is the store failing (I/O, credentials), not the request.
+    """Whether a Lance or pyarrow error is the store failing (I/O, credentials),
+    not the request or the bytes read.
 
     Lance raises ``ValueError`` for both a bad request (an unknown column, a
     bad filter, nothing at the path) and an I/O failure; the latter's message
-    starts with ``LanceError(IO)``.
+    starts with ``LanceError(IO)``. pyarrow raises ``OSError`` both for a
+    store's failure, whose message names the store's error (``AWS Error
+    ACCESS_DENIED``) or which carries an errno (local disk), and for bytes it
+    cannot decode (a corrupt gzip stream or Parquet footer).
     """
     text = str(exc)
-    return "LanceError(IO)" in text and "was not found" not in text
+    if "LanceError(IO)" in text:
+        return "was not found" not in text
+    return isinstance(exc, OSError) and (
+        exc.errno is not None or any(name in text for name in _ARROW_STORE_ERRORS)
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lance
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from laion_ray.backfill import backfill
@@ -25,6 +26,7 @@ from laion_ray.engine.error_log import list_errors
 from laion_ray.errors import StorageError
 from laion_ray.history import job_history
 from laion_ray.sample import sample_table, write_sample
+from laion_ray.storage import filesystem
 from laion_ray.udf import udf
 
 ROWS = 400
@@ -242,6 +244,75 @@ def test_a_store_failure_is_not_reported_as_a_bad_where(s3_server, faulty_s3, ca
     assert code == 1 and "bad --where" not in err, err
 
 
+def _proxy_flags(server, flag: str = "--storage-option") -> list[str]:
+    return [f for k, v in server.storage_options.items() for f in (flag, f"{k}={v}")]
+
+
+@pytest.mark.slow
+def test_a_merge_source_the_store_refuses_is_a_failed_job_not_bad_input(
+    s3_server, faulty_s3, tmp_path, capsys
+):
+    proxy, through_proxy = faulty_s3
+    uri, source = str(tmp_path / "t.lance"), s3_server.uri("safety", "refused-labels.parquet")
+    write_sample(uri, rows=100, fragments=2, seed=13)
+    fs, path = filesystem(source, s3_server.storage_options)
+    with fs.open_output_stream(path) as f:
+        pq.write_table(pa.table({"key": range(100), "label": [k % 3 for k in range(100)]}), f)
+    argv = ["merge", uri, "--from", source, "--executor", "local",
+            *_proxy_flags(through_proxy, "--source-storage-option")]  # fmt: skip
+    proxy.refuse("GET", r"/refused-labels\.parquet")
+    capsys.readouterr()
+    assert main(argv) == 1  # the store failed: not a file that is not Parquet (exit 2)
+    err = capsys.readouterr().err
+    assert "laion-ray: failed: cannot read source" in err and "ACCESS_DENIED" in err, err
+    proxy.clear()
+    assert main(argv) == 0
+    assert _values(uri, "label") == {k: k % 3 for k in range(100)}
+
+
+@pytest.mark.slow
+def test_a_materialize_whose_source_reads_fail_is_a_failed_job_not_bad_input(
+    s3_server, faulty_s3, tmp_path, capsys
+):
+    proxy, through_proxy = faulty_s3
+    src, dest = s3_server.uri("safety", "unreadable-src.lance"), tmp_path / "out.lance"
+    write_sample(src, rows=100, fragments=2, seed=14, storage_options=s3_server.storage_options)
+    argv = ["materialize", src, str(dest), "--where", "width > 10",
+            *_proxy_flags(through_proxy)]  # fmt: skip
+    proxy.refuse("GET", r"/unreadable-src\.lance/data/")  # the manifest reads pass
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "laion-ray: failed: writing" in err and "bad --where" not in err, err
+    assert not dest.exists()  # no half-written output blocks the rerun
+    proxy.clear()
+    assert main(argv) == 0
+    assert lance.dataset(str(dest)).count_rows() > 0
+
+
+@pytest.mark.slow
+def test_a_dedup_whose_write_back_the_store_refuses_is_a_failed_job_not_bad_input(
+    s3_server, faulty_s3, ray_session, capsys
+):
+    """The column files are written by Ray tasks: their StorageError comes back
+    wrapped by Ray, and must still exit 1 with its cause."""
+    proxy, through_proxy = faulty_s3
+    uri = s3_server.uri("safety", "dedup-refused.lance")
+    write_sample(uri, rows=200, fragments=2, seed=15, duplicates=0.1,
+                 storage_options=s3_server.storage_options)  # fmt: skip
+    argv = ["dedup", uri, "--partitions", "2", *_proxy_flags(through_proxy)]
+    proxy.refuse("PUT", r"/dedup-refused\.lance/data/")
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "laion-ray: failed:" in err and "laion-ray: error:" not in err, err
+    assert "privileges" in err or "403" in err, err  # it names the cause
+    proxy.clear()
+    assert main(argv) == 0
+    table = lance.dataset(uri, storage_options=s3_server.storage_options).to_table()
+    assert table["dup_group"].null_count == 0
+
+
 # --- secrets ----------------------------------------------------------------------------------
 
 
@@ -251,7 +322,15 @@ SECRETS = {
     "access_key": "AZ-ACCESS-3",
     "google_service_account_key": "GCS-KEY-4",
     "aws_session_token": "AWS-SESSION-5",
+    # Spelled in camelCase, as in a client's config or a UDF's parameters.
+    "apiKey": "CAMEL-API-7",
+    "accessKey": "CAMEL-ACCESS-8",
+    "sasToken": "CAMEL-SAS-9",
+    "authToken": "CAMEL-AUTH-10",
+    "authorization": "BEARER-11",
 }
+# Names that hold no secret keep their values visible (``key`` is a column).
+NOT_SECRETS = {"key": "KEY-COLUMN", "keyColumn": "KEY-COLUMN-2", "region": "eu-west-9"}
 
 
 @udf(inputs=["key"], outputs=pa.schema([("called", pa.int64())]), name="calls-an-api")
@@ -276,6 +355,10 @@ def test_secrets_never_reach_logs_reports_or_commit_properties(tmp_path):
             assert secret not in logged, (secret, logged)
     assert "eu" in str(_loggable(build_parser().parse_args(
         ["backfill", "x.lance", "--udf", "u", "--param", "u.region=eu"])))  # fmt: skip
+    params = [f for k, v in {**SECRETS, **NOT_SECRETS}.items() for f in ("--param", f"u.{k}={v}")]
+    logged = str(_loggable(build_parser().parse_args(["backfill", "x", "--udf", "u", *params])))
+    assert not [v for v in SECRETS.values() if v in logged], logged
+    assert all(v in logged for v in NOT_SECRETS.values()), logged
 
     uri = str(tmp_path / "t.lance")
     write_sample(uri, rows=100, fragments=1, seed=12)

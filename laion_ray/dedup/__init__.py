@@ -76,6 +76,7 @@ from laion_ray.dedup.tasks import (
 )
 from laion_ray.engine.commit import UDF_METADATA
 from laion_ray.engine.error_log import checkpoint_root
+from laion_ray.engine.failures import root_failure
 from laion_ray.engine.plan import KEEP, ROWADDR, fragment_states
 from laion_ray.engine.run import COMMIT_EVERY_S, Job, JobReport, classify_outputs, run_job
 from laion_ray.engine.stages import MAX_RETRIES
@@ -392,7 +393,9 @@ def dedup(
             executor="ray",
         )
     except ray.exceptions.RayError as exc:
-        raise LaionRayError(f"dedup failed: {exc}") from exc
+        # A task's own error keeps its class: a store that failed inside the
+        # write-back is a failed job (exit 1), not bad input.
+        raise root_failure(exc, "dedup") from exc
     remove_tree(scratch, opts)
     if report_path:
         fs, path = filesystem(report_path, opts)

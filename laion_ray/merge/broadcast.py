@@ -12,7 +12,6 @@ import pyarrow.compute as pc
 
 from laion_ray.engine.plan import KEEP
 from laion_ray.engine.stages import MAX_RETRIES
-from laion_ray.errors import LaionRayError, brief
 from laion_ray.merge.source import EXAMPLES, SourceTable, conform, duplicate_error, write_keys
 from laion_ray.storage import open_dataset
 from laion_ray.udf import TASK_CPUS
@@ -52,7 +51,7 @@ def load_broadcast(
     try:
         table = conform(source.read([on, *types]), on, key_type, types)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise LaionRayError(f"cannot read source {source.display}: {brief(exc)}") from exc
+        raise source.read_error(exc) from exc
     table = table.take(pc.sort_indices(table[on])).combine_chunks()
     n_dups, examples = _duplicates(table[on].chunk(0) if table.num_rows else table[on])
     return table, {"rows": table.num_rows, "duplicates": n_dups, "examples": examples}

@@ -14,8 +14,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from laion_ray.engine.plan import KEEP, ROWADDR, UNIT, UNIT_DIGEST, UNIT_ROWS
-from laion_ray.errors import LaionRayError, brief
-from laion_ray.storage import filesystem, is_local, open_dataset, resolve_storage_options
+from laion_ray.errors import LaionRayError, StorageError, brief
+from laion_ray.storage import (
+    filesystem,
+    is_local,
+    is_storage_failure,
+    open_dataset,
+    resolve_storage_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,14 @@ class SourceTable:
 
     def _fs(self):
         return filesystem(self.paths[0], self.storage_options)[0]
+
+    def read_error(self, exc: BaseException) -> Exception:
+        """What a failed read of the source means: the store failing
+        (:class:`StorageError`, a failed job) or files that are not its format
+        (:class:`LaionRayError`, bad input)."""
+        if is_storage_failure(exc):
+            return StorageError(f"cannot read source {self.display}: {brief(exc)}")
+        return LaionRayError(f"cannot read source {self.display} as {self.format}: {brief(exc)}")
 
     def arrow_dataset(self):
         """A ``pyarrow.dataset`` over the files (not for Lance sources)."""
@@ -207,7 +221,7 @@ def open_source(
     try:
         table.schema = table.arrow_dataset().schema
     except (pa.ArrowInvalid, OSError) as exc:
-        raise LaionRayError(f"cannot read source {table.display} as {fmt}: {brief(exc)}") from exc
+        raise table.read_error(exc) from exc
     return table
 
 
