@@ -98,6 +98,29 @@ def test_a_storage_failure_after_recording_errors_exits_1_and_the_rerun_finishes
     assert len(plans) == 1
 
 
+def test_fragments_recomputed_after_their_summaries_were_lost_record_their_errors_once(tmp_path):
+    """A kill while the finished job's checkpoint was being removed: its
+    ``committed/`` summaries were deleted (they list before ``job.json``), its
+    plan was not. The rerun resumes that plan and recomputes every fragment,
+    whose failed rows errors.lance already holds: each must be there once."""
+    uri = str(tmp_path / "t.lance")
+    write_sample(uri, rows=4000, fragments=16, seed=16)
+    argv = _bad_keys_argv(uri, "local", "--tag", "t")
+    failpoints.arm("job.after_tag=error")  # every fragment committed and recorded
+    assert main(argv) == 1
+    failpoints.arm("")
+    (job,) = (Path(uri) / "_laion_ray" / "jobs").iterdir()
+    assert len(list((job / "committed").iterdir())) == 16
+    shutil.rmtree(job / "committed")  # the part of the removal that got done
+    assert main(argv) == 0
+    errors = _errors(uri)
+    assert len(errors) == 40 and set(errors.values()) == {1}, errors.most_common(3)
+    assert _values(uri, "checked") == {
+        k: None if (k, "bad-keys") in errors else k + 7 for k in range(4000)
+    }
+    assert not job.exists()
+
+
 # --- errors.lance and several datasets ---------------------------------------------------
 
 

@@ -10,7 +10,8 @@ parts and listed too, marked ``committed = false``.
 Each record names its dataset (several datasets may share one
 ``--checkpoint-uri``), the plan that computed it (a resumed plan must not skip
 its own failed rows: its parts count them) and the commit that recorded it
-(so a commit redone after a crash records its rows once).
+(so a commit redone after a crash records its rows once). A plan that records
+a fragment again replaces its records of that fragment (:func:`record_errors`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from laion_ray.filters import (
     quote_identifier,
     quote_literal,
     sql_and,
+    sql_in,
     to_lance_sql,
 )
 from laion_ray.storage import filesystem, is_local, join_uri, resolve_storage_options
@@ -137,6 +139,11 @@ def _with_identity(ds: lance.LanceDataset, table: pa.Table) -> pa.Table:
     return table.select(ERROR_LOG_SCHEMA.names).cast(ERROR_LOG_SCHEMA)
 
 
+# A record's identity: one row of one dataset's fragment, failed in one UDF
+# under one plan. Recording the same identity again replaces the record.
+RECORD_KEY = ["dataset", "plan", "fragment_id", "row_offset", "udf"]
+
+
 def record_errors(
     root: str,
     errors: pa.Table,
@@ -150,43 +157,74 @@ def record_errors(
     udfs: Sequence[str] = (),
     storage_options: Mapping[str, str] | None = None,
 ) -> None:
-    """Append the error rows of one commit.
+    """Record the failed rows of one commit, in one atomic write.
 
-    First drops older records of ``udfs`` in ``replace_fragments`` in
-    ``scope`` (see :func:`dataset_scope`): those rows were all retried by this
-    job. Redo after a crash with :func:`recorded`: a commit whose rows are
-    there already is done. ``dataset`` is recorded with every row.
+    The records of ``udfs`` that ``plan`` made before in the same fragments
+    are replaced, not doubled: a plan recomputes a fragment it had committed
+    when the fragment's ``committed/`` summary was lost (a kill while its
+    finished checkpoint was being removed). ``replace_fragments`` also
+    replaces the records of ``udfs`` in those fragments in ``scope`` (see
+    :func:`dataset_scope`) whatever plan made them: ``--retry-errors`` retried
+    those rows. Redo after a crash with :func:`recorded`: a commit whose rows
+    are there already is done. ``dataset`` is recorded with every row.
+
+    Costs one scan of the table's identity columns when it exists (the
+    replacement is a ``merge_insert`` whose unmatched old records in the
+    replaced slice are deleted).
     """
     opts = resolve_storage_options(storage_options)
+    table = _log_rows(errors, job=job, dataset=dataset, plan=plan, commit=commit)
     existing = _open(root, opts)
-    if existing is not None and replace_fragments and udfs:
-        existing.delete(
-            _all_of(
-                pc.field("fragment_id").isin([int(f) for f in replace_fragments]),
-                pc.field("udf").isin(list(udfs)),
-                _of_dataset(existing, scope),
+    if existing is None:
+        if table.num_rows:
+            lance.write_dataset(table, join_uri(root, "errors.lance"), storage_options=opts)
+        return
+    replaced = []  # the slices of old records this write replaces
+    if fragments := pc.unique(table["fragment_id"]).to_pylist():  # this plan's own
+        replaced.append(
+            sql_and(
+                _equals("plan", plan), _equals("dataset", dataset), sql_in("fragment_id", fragments)
             )
         )
-    if not errors.num_rows:
-        return
-    if existing is not None and (
-        missing := [f for f in IDENTITY_FIELDS if f.name not in existing.schema.names]
-    ):
-        existing.add_columns(missing)
-    n = errors.num_rows
-    now = dt.datetime.now(dt.timezone.utc)
-    table = errors.select(ERROR_SCHEMA.names)
-    for name, value in (("job", job), ("created_at", now), ("dataset", dataset), ("plan", plan),
-                        ("commit", commit)):  # fmt: skip
-        table = table.append_column(
-            ERROR_LOG_SCHEMA.field(name), pa.array([value] * n, ERROR_LOG_SCHEMA.field(name).type)
+    if replace_fragments:  # --retry-errors: any plan's
+        replaced.append(
+            sql_and(sql_in("fragment_id", [int(f) for f in replace_fragments]), _in_scope(scope))
         )
-    lance.write_dataset(
-        table.cast(ERROR_LOG_SCHEMA),
-        join_uri(root, "errors.lance"),
-        mode="append" if existing is not None else "create",
-        storage_options=opts,
+    if not replaced:
+        return
+    if missing := [f for f in IDENTITY_FIELDS if f.name not in existing.schema.names]:
+        existing.add_columns(missing)  # all-null fields: metadata only
+    udfs = list(udfs) or pc.unique(table["udf"]).to_pylist()
+    stale = sql_and(sql_in("udf", udfs), " OR ".join(f"({r})" for r in replaced))
+    (
+        existing.merge_insert(RECORD_KEY)
+        .when_matched_update_all()
+        .when_not_matched_insert_all()
+        .when_not_matched_by_source_delete(stale)
+        .execute(table)
     )
+
+
+def _equals(column: str, value: str) -> str:
+    return f"{quote_identifier(column)} = {quote_literal(value)}"
+
+
+def _in_scope(scope: str | None) -> str | None:
+    """Lance SQL for the records of ``scope`` (:func:`_of_dataset`, as a filter string)."""
+    if scope is None:
+        return None
+    return f"{quote_identifier('dataset')} IS NULL OR {_equals('dataset', scope)}"
+
+
+def _log_rows(errors: pa.Table, **identity: str) -> pa.Table:
+    """``errors`` as rows of the log (:data:`ERROR_LOG_SCHEMA`), each naming ``identity``."""
+    n = errors.num_rows
+    table = errors.select(ERROR_SCHEMA.names)
+    values = {"created_at": dt.datetime.now(dt.timezone.utc), **identity}
+    for name in ERROR_LOG_SCHEMA.names[len(ERROR_SCHEMA) :]:
+        field = ERROR_LOG_SCHEMA.field(name)
+        table = table.append_column(field, pa.array([values[name]] * n, field.type))
+    return table.cast(ERROR_LOG_SCHEMA)
 
 
 def recorded(root: str, commit: str, storage_options: Mapping[str, str] | None = None) -> bool:
@@ -228,11 +266,9 @@ def list_errors(
     given, where = where, to_lance_sql(where)
     ds = _open(root, storage_options)
     if ds is not None:
-        column = quote_identifier("dataset")
-        mine = f"{column} IS NULL OR {column} = {quote_literal(scope)}" if scope else None
         wanted = sql_and(
             where,
-            mine if "dataset" in ds.schema.names else None,
+            _in_scope(scope) if "dataset" in ds.schema.names else None,
             f"{quote_identifier('udf')} = {quote_literal(udf)}" if udf else None,
         )
         check_filter(ds, wanted, given=given)
