@@ -27,7 +27,9 @@ from laion_ray.cluster import (
 )
 from laion_ray.engine.commit import UDF_METADATA
 from laion_ray.engine.plan import (
+    READ_S,
     ROWADDR,
+    UDF_S,
     UNIT,
     UNIT_DIGEST,
     UNIT_ROWS,
@@ -115,7 +117,11 @@ def _steps(stages: Sequence[UDF]) -> list[tuple[UDF, set[str], list[str]]]:
         later = [c for s in stages[i + 1 :] for c in s.inputs]
         so_far = [c for s in stages[:i] for c in (*s.stored_outputs, error_column(s))]
         # A column made earlier and read later is named twice: keep it once.
-        keep = list(dict.fromkeys([ROWADDR, UNIT, UNIT_ROWS, UNIT_DIGEST, KEY, *so_far, *later]))
+        keep = list(
+            dict.fromkeys(
+                [ROWADDR, UNIT, UNIT_ROWS, UNIT_DIGEST, READ_S, UDF_S, KEY, *so_far, *later]
+            )
+        )
         steps.append((stage, set(produced), keep))
         produced.update(stage.outputs)
     return steps
@@ -138,17 +144,25 @@ class _StagePipeline:
         self.placement: str | None = None
         self._placement_actor = None  # referenced so the log lives as long as the job
 
-    def stage_report(self) -> list[dict[str, Any]]:
-        """Per stage: requested resources, peak actors, nodes and devices so far."""
-        if self.plan is None or self.placement is None:
+    def stage_report(self, task_nodes: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Per stage: requested resources, peak actors, nodes and devices so far;
+        ``task_nodes`` ran the read tasks (and with them fused function stages)."""
+        if self.plan is None:
             return []
-        return placement_report(self.plan, self.placement)
+        return placement_report(self.plan, self.placement, task_nodes)
+
+    def plan_tasks(self) -> float:
+        """Plan function stages that run inside the read tasks: log the plan and
+        return the CPUs a read task asks for (the largest stage's)."""
+        self.plan = plan_stages(self.stages, cluster_capacity(), self.overrides)
+        log.info("%s", format_plan(self.plan))
+        return max(s.num_cpus for s in self.plan.stages)
 
     def __call__(self, data):
         from laion_ray.engine.stages import MAX_RETRIES, ActorStage, Step, task_stages
 
         self.plan = plan_stages(self.stages, cluster_capacity(), self.overrides)
-        if self.placement is None:  # one log for every wave of the job
+        if self.placement is None:
             self.placement, self._placement_actor = start_placement_log()
         log.info("%s", format_plan(self.plan))
         if self.plan.cpu_limit is not None:
@@ -315,6 +329,7 @@ def backfill(
         transform=pipeline,
         stage_report=pipeline.stage_report,
         local_transform=_local_transform(stages, canary=not retry_errors),
+        plan_tasks=pipeline.plan_tasks,
         where=where,
         overwrite=overwrite,
         details={"udfs": [s.key for s in stages]},

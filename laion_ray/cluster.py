@@ -498,12 +498,13 @@ def start_placement_log() -> tuple[str, Any]:
     import ray
 
     name = f"placement-{uuid.uuid4().hex[:12]}"
+    # Not waited for: a named actor's name is registered before .remote() returns,
+    # so stages find it at once, and their calls queue until it has started.
     handle = (
         ray.remote(num_cpus=0)(PlacementLog)
         .options(name=name, namespace=PLACEMENT_NAMESPACE, max_restarts=0)
         .remote()
     )
-    ray.get(handle.__ray_ready__.remote())  # named before any stage looks it up
     return name, handle
 
 
@@ -589,16 +590,23 @@ def _record_task(placement: str, stage_names: Sequence[str]) -> None:
     _tasks_recorded.update((placement + s, node) for s in todo)
 
 
-def placement_report(plan: Plan, placement: str) -> list[dict[str, Any]]:
-    """Planned resources joined with what ran where, one dict per stage."""
-    import ray
+def placement_report(
+    plan: Plan, placement: str | None, task_nodes: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """Planned resources joined with what ran where, one dict per stage.
 
-    try:
-        handle = ray.get_actor(placement, namespace=PLACEMENT_NAMESPACE)
-        seen = ray.get(handle.snapshot.remote(), timeout=30)
-    except Exception as exc:  # the log is informational: never fail a job on it
-        log.debug("placement log unavailable: %s", exc)
-        seen = {"actors": {}, "task_nodes": {}, "peak": {}}
+    Without a ``placement`` log (function stages run inside the read tasks),
+    task stages ran on ``task_nodes``, the nodes of the read tasks.
+    """
+    seen = {"actors": {}, "task_nodes": {}, "peak": {}}
+    if placement is not None:
+        import ray
+
+        try:
+            handle = ray.get_actor(placement, namespace=PLACEMENT_NAMESPACE)
+            seen = ray.get(handle.snapshot.remote(), timeout=30)
+        except Exception as exc:  # the log is informational: never fail a job on it
+            log.debug("placement log unavailable: %s", exc)
     out = []
     for entry in describe_plan(plan):
         name = entry["stage"]
@@ -622,7 +630,7 @@ def placement_report(plan: Plan, placement: str) -> list[dict[str, Any]]:
                     int(a.get("decode_fallback_rows", 0)) for a in actors
                 )
         else:
-            entry["nodes"] = seen["task_nodes"].get(name, [])
+            entry["nodes"] = seen["task_nodes"].get(name, []) or sorted(task_nodes)
         out.append(entry)
     return out
 

@@ -82,10 +82,9 @@ def test_unit_plan_is_lazy_and_matches_the_unit_list(table):
     assert len(plan.first_unit) == len(states) + 1
 
 
-def test_ray_path_in_waves_computes_every_unit(table, ray_session, monkeypatch):
-    monkeypatch.setattr(executors, "WAVE_MIN_UNITS", 4)
-    # 18 units of a narrow column, read 3 a task (a fragment each): one task a wave, 6 waves
-    monkeypatch.setattr(executors, "WAVE_MAX_UNITS", 4)
+def test_ray_path_in_one_lane_computes_every_unit(table, ray_session, monkeypatch):
+    # 18 units of a narrow column, 3 a group (a fragment each): one read task reads all 6.
+    monkeypatch.setattr(executors, "LANES_PER_SLOT", 0.01)
     report = backfill(
         table, udfs=["helpers:fail_on_keys"], unit_rows=40, executor="ray", max_error_fraction=1
     )

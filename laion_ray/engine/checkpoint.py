@@ -11,7 +11,11 @@ Layout under ``<checkpoint root>/jobs/<fingerprint>/``:
   unit, which run, the part's first row, its rows, the rows the unit's read
   produced, its failed rows, and the digests of its rows and of the unit's
   (:func:`.plan.row_digests`). A unit is finished when distinct parts of one
-  run add up to the unit's rows and digest;
+  run add up to the unit's rows and digest. A task that computed a whole
+  fragment writes the fragment's column file itself (``data/lr-<run>-<fragment>.lance``)
+  and, per unit, a *column-file part* (``….col.arrow``): the same name, holding
+  only the failed rows and, in its schema metadata, what finds the computed
+  rows again (:class:`ColumnFileSpec`); the file is then the record of the values;
 - ``runs/<run>``: an empty file once a run's canary has seen that its failures
   are bad data (some rows succeed, or they fail in different ways). Parts whose
   every row failed are reused by a later run only if their run has one: a run
@@ -38,6 +42,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -48,6 +54,7 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
 from laion_ray.storage import (
+    PinnedVersion,
     count_io,
     filesystem,
     is_local,
@@ -60,7 +67,9 @@ from laion_ray.storage import (
 from .plan import (
     ERROR_PREFIX,
     KEEP,
+    READ_S,
     ROWADDR,
+    UDF_S,
     UNIT,
     UNIT_DIGEST,
     UNIT_ROWS,
@@ -71,7 +80,7 @@ from .plan import (
 )
 
 # Part of every job fingerprint: checkpoints written in another format are not reused.
-PART_FORMAT = "arrow-ipc-3"
+PART_FORMAT = "arrow-ipc-4"
 RECORD_SCHEMA = pa.schema(
     [
         ("unit", pa.int32()),
@@ -82,9 +91,17 @@ RECORD_SCHEMA = pa.schema(
         ("errors", pa.int32()),
         ("digest", pa.uint64()),
         ("unit_digest", pa.uint64()),
+        ("column_file", pa.bool_()),  # a column-file part (its values are in the file)
+        # Worker seconds behind the block these parts came from (on its first record).
+        ("read_s", pa.float32()),
+        ("udf_s", pa.float32()),
+        ("write_s", pa.float32()),
+        ("node", pa.string()),  # the Ray node that wrote them (None outside Ray)
     ]
 )
 PART_SUFFIX = ".arrow"
+FILE_PART_SUFFIX = ".col.arrow"
+COLUMN_FILE_METADATA = b"laion_ray.column_file"
 
 
 @dataclasses.dataclass
@@ -95,18 +112,85 @@ class FinishedUnit:
     errors: int
 
 
+@dataclasses.dataclass(frozen=True)
+class PartSink:
+    """Where and how a run's tasks write their parts (one per job run, sent to every task).
+
+    Attributes:
+        job_uri: The job's checkpoint folder.
+        run_id: This run.
+        columns: The columns a part stores.
+        storage_options: Object-store options.
+        uri: The dataset (a whole fragment's column file goes to its ``data/``).
+        pinned: The version the job reads.
+        where: The job's row filter (Lance SQL) or None.
+        outputs: The stored output columns.
+    """
+
+    job_uri: str
+    run_id: str
+    columns: tuple[str, ...]
+    storage_options: Mapping[str, str]
+    uri: str
+    pinned: PinnedVersion
+    where: str | None
+    outputs: pa.Schema
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnFileSpec:
+    """What a column-file part needs to find its computed rows and their values again.
+
+    Its computed rows are those its unit's read selects (``where`` within rows
+    ``[start, end)`` of the fragment at ``pinned``) less the ``skipped`` keys;
+    their values are in ``<uri>/data/<file>``, one value per physical row.
+    """
+
+    file: str
+    based_on: tuple[str, ...]  # the fragment's data files its unchanged values came from
+    uri: str
+    pinned: PinnedVersion
+    where: str | None
+    start: int
+    end: int
+    skipped: tuple[int, ...]
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ColumnFileSpec:
+        fields = json.loads(data)
+        fields["pinned"] = PinnedVersion(**fields["pinned"])
+        fields["based_on"], fields["skipped"] = tuple(fields["based_on"]), tuple(fields["skipped"])
+        return cls(**fields)
+
+
+def column_file_name(run_id: str, fragment_id: int) -> str:
+    """The column file a task of ``run_id`` writes for a whole fragment (under ``data/``)."""
+    return f"lr-{run_id}-{fragment_id}.lance"
+
+
+def column_file_of(part: pa.Table) -> ColumnFileSpec | None:
+    """The spec a column-file part carries; None for a part holding its values."""
+    raw = (part.schema.metadata or {}).get(COLUMN_FILE_METADATA)
+    return ColumnFileSpec.from_json(raw) if raw else None
+
+
 def part_name(rec: Mapping[str, object]) -> str:
+    suffix = FILE_PART_SUFFIX if rec.get("column_file") else PART_SUFFIX
     return (
         f"{rec['unit']}_{rec['run']}_{rec['first']}_{rec['rows']}_{rec['unit_rows']}_"
-        f"{rec['errors']}_{rec['digest']:016x}_{rec['unit_digest']:016x}{PART_SUFFIX}"
+        f"{rec['errors']}_{rec['digest']:016x}_{rec['unit_digest']:016x}{suffix}"
     )
 
 
 def parse_part_name(name: str) -> dict | None:
     """The record a part's file name carries; None for anything else (a temp file)."""
+    column_file = name.endswith(FILE_PART_SUFFIX)
     if not name.endswith(PART_SUFFIX):
         return None
-    fields = name[: -len(PART_SUFFIX)].split("_")
+    fields = name[: -len(FILE_PART_SUFFIX if column_file else PART_SUFFIX)].split("_")
     if len(fields) != 8:
         return None
     unit, run, first, rows, unit_rows, errors, digest, unit_digest = fields
@@ -119,29 +203,31 @@ def parse_part_name(name: str) -> dict | None:
         "unit_digest": int(unit_digest, 16),
         "unit_rows": int(unit_rows),
         "errors": int(errors),
+        "column_file": column_file,
     }
 
 
 def write_parts(
     batch: pa.Table,
     *,
-    job_uri: str,
-    run_id: str,
-    columns: Sequence[str],
-    storage_options: Mapping[str, str] | None,
+    sink: PartSink,
+    column_files: Mapping[int, ColumnFileSpec] | None = None,
 ) -> pa.Table:
     """Ray Data stage: persist a batch's rows per unit, return their records.
 
     Rows with ``_keep`` false count towards their unit but are not stored, so
-    the fragment keeps its current value there.
+    the fragment keeps its current value there. With ``column_files`` (a spec
+    per unit) the values are in a column file already: each part stores only
+    its failed rows and the spec that finds the rest again.
     """
+    started = time.perf_counter()
     if isinstance(batch, pa.RecordBatch):
         batch = pa.Table.from_batches([batch])
     if not batch.num_rows:
         return RECORD_SCHEMA.empty_table()
-    opts = resolve_storage_options(storage_options)
+    opts = resolve_storage_options(sink.storage_options)
     records = []
-    units = batch[UNIT].to_numpy()
+    units_of_rows = batch[UNIT].to_numpy()
     addresses = batch[ROWADDR].to_numpy()
     digests = row_digests(addresses)
     unit_digests = batch[UNIT_DIGEST].to_numpy()
@@ -151,29 +237,55 @@ def write_parts(
         if KEEP in batch.column_names
         else np.ones(batch.num_rows, dtype=bool)
     )
+    if column_files is not None:
+        keep = errors.astype(bool)  # the file holds the others' values
     # Rows of one unit arrive as one contiguous run; each run becomes one part.
-    starts = np.flatnonzero(np.diff(units, prepend=np.int64(-1)))
-    for begin, end in zip(starts, [*starts[1:], len(units)], strict=True):
+    starts = np.flatnonzero(np.diff(units_of_rows, prepend=np.int64(-1)))
+    for begin, end in zip(starts, [*starts[1:], len(units_of_rows)], strict=True):
         kept = keep[begin:end]
         part = (
             batch.slice(begin, end - begin)
             if kept.all()
             else batch.take(pa.array(np.flatnonzero(kept) + begin))
-        ).select(list(columns))
+        ).select(list(sink.columns))
         address = int(addresses[begin])
+        unit = int(units_of_rows[begin])
+        if column_files is not None:
+            spec = column_files[unit].to_json()
+            part = part.replace_schema_metadata({COLUMN_FILE_METADATA: spec})
         rec = {
-            "unit": int(units[begin]),
-            "run": run_id,
+            "unit": unit,
+            "run": sink.run_id,
             "first": address & 0xFFFFFFFF,
             "rows": int(end - begin),
             "unit_rows": int(batch[UNIT_ROWS][int(begin)].as_py()),
             "errors": int(errors[begin:end].sum()),
             "digest": digest_sum(digests[begin:end]),
             "unit_digest": int(unit_digests[begin]),
+            "column_file": column_files is not None,
         }
-        _write_part(join_uri(job_uri, "parts", str(address >> 32), part_name(rec)), part, opts)
+        _write_part(join_uri(sink.job_uri, "parts", str(address >> 32), part_name(rec)), part, opts)
         records.append(rec)
+    records[0].update(
+        read_s=_seconds(batch, READ_S),
+        udf_s=_seconds(batch, UDF_S),
+        write_s=time.perf_counter() - started,
+        node=_ray_node(),
+    )
     return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+
+
+def _ray_node() -> str | None:
+    """The Ray node this process runs on, if it is a Ray worker (never imports Ray)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
+def _seconds(batch: pa.Table, column: str) -> float:
+    """Worker seconds a block carries (see :func:`.plan.add_seconds`)."""
+    return float(pc.sum(batch[column]).as_py() or 0) if column in batch.column_names else 0.0
 
 
 def _write_part(path: str, part: pa.Table, opts: Mapping[str, str]) -> None:

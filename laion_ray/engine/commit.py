@@ -21,12 +21,19 @@ from collections.abc import Callable, Mapping, Sequence
 
 import lance
 import pyarrow as pa
+import pyarrow.fs as pafs
 from lance.commit import CommitConflictError
 from lance.dataset import Transaction
 from lance.fragment import DataFile
 
 from laion_ray.errors import JobFailed
-from laion_ray.storage import filesystem, join_uri, open_dataset, resolve_storage_options
+from laion_ray.storage import (
+    filesystem,
+    join_uri,
+    open_dataset,
+    resolve_storage_options,
+    with_retries,
+)
 
 from .plan import FragmentState
 
@@ -301,6 +308,13 @@ def landed(
         if properties.get(COMMIT_PROPERTY) == commit_id:
             return True
     return False
+
+
+def data_file_exists(uri: str, file_name: str, opts: Mapping[str, str]) -> bool:
+    """Whether ``<uri>/data/<file_name>`` exists (a store that keeps failing raises)."""
+    fs, path = filesystem(join_uri(uri, "data", file_name), opts)
+    info = with_retries("read", path, lambda: fs.get_file_info(path))
+    return info.type != pafs.FileType.NotFound
 
 
 def delete_data_file(uri: str, file_name: str, opts: Mapping[str, str]) -> None:

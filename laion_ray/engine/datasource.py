@@ -1,42 +1,62 @@
-"""Ray Data source: one read task per group of consecutive work units.
+"""Ray Data source: one read task per lane of work units (see :mod:`.lanes`).
 
 Kept apart so that local runs skip importing Ray Data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from .checkpoint import PartSink
+from .lanes import Lane
 from .source import read_units
 
 
-class UnitDatasource(Datasource):
-    """One read task per group of consecutive work units: ``read_units``'s arguments.
+class LaneDatasource(Datasource):
+    """One read task per lane; the task reads the lane's groups one after another.
 
-    A group's units come back as one block (``write_parts`` splits it into one
-    part per unit again). Only ids, URIs and small metadata travel to read
+    With ``fused`` (a job whose stages are functions) each group is read,
+    computed and written in the task (:func:`.executors.run_group`) and the
+    task yields the parts' records; otherwise it yields each group's rows for
+    the job's Ray Data stages. Only ids, URIs and small metadata travel to read
     tasks; each worker opens the dataset once (``cached_dataset``).
     """
 
-    def __init__(self, groups: Sequence[tuple]):
-        self.groups = list(groups)
+    def __init__(
+        self,
+        lanes: Sequence[Lane],
+        columns: Sequence[str],
+        sink: PartSink,
+        fused: Callable[[pa.Table], pa.Table] | None,
+    ):
+        self.lanes, self.columns, self.sink, self.fused = list(lanes), list(columns), sink, fused
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-        return [self._task(group) for group in self.groups]
+        return [self._task(lane) for lane in self.lanes]
 
-    @staticmethod
-    def _task(args: tuple) -> ReadTask:
+    def _task(self, lane: Lane) -> ReadTask:
+        columns, sink, fused = self.columns, self.sink, self.fused
+
         def read() -> Iterable[pa.Table]:
-            table = read_units(*args)
-            if table.num_rows:
-                yield table
+            from .executors import run_group
+
+            for group in lane.groups():
+                if fused is not None:
+                    records = run_group(group, columns, sink, fused)
+                else:
+                    records = read_units(
+                        sink.uri, sink.pinned, group.units, columns, sink.where,
+                        group.skip_keys, sink.storage_options,
+                    )  # fmt: skip
+                if records is not None and records.num_rows:
+                    yield records
 
         meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
         return ReadTask(read, meta)

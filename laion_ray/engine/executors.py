@@ -1,45 +1,42 @@
 """Where a job's units run: Ray Data across the cluster, or this process.
 
-Both executors take the same groups of units, read them with
+Both executors take the same lanes of units (:mod:`.lanes`), read them with
 :func:`.source.read_units`, run the job's stages, write the same part files
-(:func:`.checkpoint.write_parts`) and give the driver the parts' records; both
-run the write-back's assembly tasks (:meth:`map`). What runs is the job's;
-only where it runs differs.
+(:func:`.checkpoint.write_parts`) or a whole fragment's column file
+(:func:`run_group`), and give the driver the parts' records; both run the
+write-back's assembly tasks (:meth:`map`). What runs is the job's; only where
+it runs differs.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from laion_ray.errors import LaionRayError
 from laion_ray.udf import TASK_CPUS
 
 from . import checkpoint as ckpt
-from .plan import WorkUnit
+from .assemble import write_fragment
+from .lanes import LANES_PER_SLOT, Group, Lane
+from .plan import KEEP
+from .source import read_units
 from .stages import MAX_RETRIES
 
 LOCAL_MAX_ROWS = 4_000_000
 LOCAL_THREADS = min(4, os.cpu_count() or 1)
-# Ray Data builds (and ray.puts) every read task before it runs any, so units go
-# to it in waves: WAVE_ROUNDS read tasks per read slot of the cluster, within
-# [WAVE_MIN_UNITS, WAVE_MAX_UNITS] units. Driver memory is bounded by one wave.
-WAVE_ROUNDS = 16
-WAVE_MIN_UNITS = 2048
-WAVE_MAX_UNITS = 32768
-# Units smaller than a task's worth of rows are read in runs of up to this many
-# per task (see task_groups); the bound keeps waves many tasks wide.
+# Units smaller than a task's worth of rows are read in groups of up to this
+# many (see lanes.py); the bound keeps a job many tasks wide.
 MAX_UNITS_PER_TASK = 64
 ASSEMBLE_CPUS = 0.5
-
-ReadArgs = Callable[[list[WorkUnit]], tuple]
 
 
 def choose_executor(
@@ -64,24 +61,31 @@ def choose_executor(
     return can_run_local and narrow and planned_rows <= LOCAL_MAX_ROWS and not ray_attached
 
 
-def task_groups(todo: Iterator[WorkUnit], units_per_task: int) -> Iterator[list[WorkUnit]]:
-    """Todo units in runs of up to ``units_per_task`` adjacent units of one
-    fragment, one task each: units smaller than a task's worth of rows refine
-    the checkpoint without multiplying the per-task cost (tens of ms on Ray,
-    ~2 ms of Lance scan set-up), which is more than a small unit's work. A
-    finished unit breaks a run (a resumed job must not read it again)."""
-    group: list[WorkUnit] = []
-    for unit in todo:
-        if group and (
-            unit.index != group[-1].index + 1
-            or unit.fragment_id != group[0].fragment_id
-            or len(group) == units_per_task
-        ):
-            yield group
-            group = []
-        group.append(unit)
-    if group:
-        yield group
+def run_group(
+    group: Group,
+    columns: Sequence[str],
+    sink: ckpt.PartSink,
+    transform: Callable[[pa.Table], pa.Table],
+) -> pa.Table | None:
+    """Read one group, compute it and write it: the whole of a cheap job's work.
+
+    A group that is a whole fragment writes the fragment's column file itself
+    (:func:`.assemble.write_fragment`): its values are written once, not as
+    parts and again at assembly. Rows a transform keeps out (``_keep``, a
+    merge's unmatched keys) need parts. Returns the parts' records (None when
+    the group's read selected no row).
+    """
+    table = read_units(
+        sink.uri, sink.pinned, group.units, columns, sink.where, group.skip_keys,
+        sink.storage_options,
+    )  # fmt: skip
+    if not table.num_rows:
+        return None
+    outputs = transform(table)
+    keeps_all = KEEP not in outputs.column_names or pc.all(outputs[KEEP]).as_py()
+    if group.whole and keeps_all:
+        return write_fragment(outputs, group, sink)
+    return ckpt.write_parts(outputs, sink=sink)
 
 
 class LocalExecutor:
@@ -96,23 +100,23 @@ class LocalExecutor:
 
     def __init__(self, transform: Callable[[pa.Table], pa.Table]):
         self.transform = transform
+        self.resumed = False
+
+    def start(self) -> None:
+        """Nothing to start: the work runs here."""
+
+    def max_lanes(self) -> int:
+        return 1  # the threads take groups in turn from one lane
 
     def records(
-        self, groups: Iterator[list[WorkUnit]], read_args: ReadArgs, part_args: dict
+        self, lanes: Sequence[Lane], columns: Sequence[str], sink: ckpt.PartSink
     ) -> Iterator[pa.Table]:
-        from .source import read_units
-
-        def run_group(group: list[WorkUnit]) -> pa.Table | None:
-            table = read_units(*read_args(group))
-            if not table.num_rows:
-                return None
-            return ckpt.write_parts(self.transform(table), **part_args)
-
+        groups = (group for lane in lanes for group in lane.groups())
         pool = ThreadPoolExecutor(LOCAL_THREADS, thread_name_prefix="laion-ray-unit")
         queued: collections.deque = collections.deque()
         try:
             for group in groups:
-                queued.append(pool.submit(run_group, group))
+                queued.append(pool.submit(run_group, group, columns, sink, self.transform))
                 while len(queued) >= 2 * LOCAL_THREADS or (queued and queued[0].done()):
                     if (records := queued.popleft().result()) is not None:
                         yield records
@@ -130,76 +134,123 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """Ray Data pipelines (read -> the job's transform -> parts), one per wave.
+    """One Ray Data execution per job: lanes of units -> the job's stages -> parts.
+
+    Jobs whose stages are functions (``fused``: a table-to-table function) run
+    them inside the read tasks, which then write their parts, or a whole
+    fragment's column file, and return only records: nothing but records
+    crosses Ray's object store. Jobs with actor stages (models) read in the
+    tasks and get the job's ``transform`` (Ray Data stages) and a part-writing
+    stage; one execution means one actor pool for the whole job.
 
     Args:
         transform: The job's transform of the unit stream (``Job.transform``).
-        per_unit: Whether units may reach it in waves (False: all at once).
+        fused: The job's stages as a function of one table, or None.
+        plan_tasks: For ``fused``: plans it on the connected cluster and
+            returns the CPUs a read task asks for (``Job.plan_tasks``).
         address: The Ray cluster (None: ``$RAY_ADDRESS`` or a local Ray).
+
+    Attributes:
         resumed: Whether an earlier driver of this job may have died holding
-            cluster resources.
-        units_per_task: Units per read task (see :func:`task_groups`).
+            cluster resources (set by the run once it has read the checkpoint).
     """
 
     name = "ray"
 
     def __init__(
         self,
-        transform: Callable[[Any], Any],
+        transform: Callable[[Any], Any] | None,
         *,
-        per_unit: bool,
+        fused: Callable[[pa.Table], pa.Table] | None,
+        plan_tasks: Callable[[], float] | None,
         address: str | None,
-        resumed: bool,
-        units_per_task: int,
     ):
-        self.transform, self.per_unit, self.address = transform, per_unit, address
-        self.resumed, self.units_per_task = resumed, units_per_task
+        self.transform, self.fused, self.plan_tasks = transform, fused, plan_tasks
+        self.address = address
+        self.resumed = False
+        self.task_cpus = TASK_CPUS
+        self._connecting: threading.Thread | None = None
+        self._connect_error: BaseException | None = None
 
-    def _wave_tasks(self) -> int | None:
-        """Read tasks per Ray Data execution (None: all at once), sized by the cluster."""
-        if not self.per_unit:
-            return None
+    def start(self) -> None:
+        """Attach to a running Ray in the background: the driver plans meanwhile.
+
+        A private local Ray is started later, in the calling thread: Ray makes
+        its daemons die with the thread that started them (PR_SET_PDEATHSIG
+        is per thread on Linux), so a short-lived thread must not start them.
+        """
+        from laion_ray.ray_env import ray_attached
+
+        if not ray_attached(self.address):
+            return
+
+        def connect() -> None:
+            try:
+                from laion_ray.ray_env import ensure_ray
+
+                ensure_ray(self.address)
+                import ray.data  # noqa: F401  (its import is a good part of the wait)
+            except BaseException as exc:  # re-raised where the connection is needed
+                self._connect_error = exc
+
+        self._connecting = threading.Thread(target=connect, name="laion-ray-connect")
+        self._connecting.start()
+
+    def _connected(self) -> None:
+        from laion_ray.ray_env import ensure_ray
+
+        if self._connecting is not None:
+            self._connecting.join()
+            if self._connect_error is not None:
+                raise self._connect_error
+        ensure_ray(self.address)  # a private local Ray, or nothing to do
+
+    def max_lanes(self) -> int:
+        """Read tasks for the whole job: a few per task slot of the cluster."""
         import ray
 
-        slots = ray.cluster_resources().get("CPU", 1.0) / TASK_CPUS
-        units = min(WAVE_MAX_UNITS, max(WAVE_MIN_UNITS, WAVE_ROUNDS * slots * self.units_per_task))
-        return max(1, int(units) // self.units_per_task)
+        self._connected()
+        if self.fused is not None and self.plan_tasks is not None:
+            self.task_cpus = self.plan_tasks()
+        slots = ray.cluster_resources().get("CPU", 1.0) / self.task_cpus
+        return max(1, int(LANES_PER_SLOT * slots))
 
     def records(
-        self, groups: Iterator[list[WorkUnit]], read_args: ReadArgs, part_args: dict
+        self, lanes: Sequence[Lane], columns: Sequence[str], sink: ckpt.PartSink
     ) -> Iterator[pa.Table]:
         import ray
 
-        from laion_ray.ray_env import ensure_ray, reclaim_expired_reservations
+        from laion_ray.ray_env import reclaim_expired_reservations
 
-        from .datasource import UnitDatasource
+        from .datasource import LaneDatasource
 
-        ensure_ray(self.address)
+        self._connected()
+        if not lanes:
+            return
         if self.resumed:  # an earlier driver of this job may have died holding the cluster
             reclaim_expired_reservations()
         # Ray 2.60 has no named max_retries for reads yet; ray_remote_args warns.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
-        per_wave = self._wave_tasks()
-        while wave := list(itertools.islice(groups, per_wave)):
-            source = UnitDatasource([read_args(group) for group in wave])
-            read = ray.data.read_datasource(
-                source,
-                num_cpus=TASK_CPUS,
-                override_num_blocks=len(wave),  # one block per group: no re-splitting
-                ray_remote_args={"max_retries": MAX_RETRIES},
-            )
-            # A stage's own error (SystemicError naming the stage), not Ray Data's
-            # UserCodeException, whose pickled form loses the cause.
-            read.context.raise_original_map_exception = True
+        read = ray.data.read_datasource(
+            LaneDatasource(lanes, columns, sink, self.fused),
+            num_cpus=self.task_cpus,
+            override_num_blocks=len(lanes),  # one read task per lane: no re-splitting
+            ray_remote_args={"max_retries": MAX_RETRIES},
+        )
+        # A stage's own error (SystemicError naming the stage), not Ray Data's
+        # UserCodeException, whose pickled form loses the cause.
+        read.context.raise_original_map_exception = True
+        data = read
+        if self.fused is None:
             data = self.transform(read).map_batches(
                 ckpt.write_parts,
-                fn_kwargs=part_args,
+                fn_kwargs={"sink": sink},
                 batch_size=None,
                 batch_format="pyarrow",
-                num_cpus=TASK_CPUS,  # same resources as the read: they fuse into one task
+                num_cpus=TASK_CPUS,
                 max_retries=MAX_RETRIES,
             )
-            yield from data.iter_batches(batch_size=None, batch_format="pyarrow")
+        yield from data.iter_batches(batch_size=None, batch_format="pyarrow")
 
     def map(self, fn: Callable, args: Sequence[tuple]) -> list[Any]:
         """``fn(*a)`` for each ``a`` as Ray tasks: each result, or the exception it raised.
@@ -208,9 +259,7 @@ class RayExecutor:
         """
         import ray
 
-        from laion_ray.ray_env import ensure_ray
-
-        ensure_ray(self.address)
+        self._connected()
         task = ray.remote(num_cpus=ASSEMBLE_CPUS)(fn)
         refs = [task.remote(*a) for a in args]
         outcomes: list[Any] = []

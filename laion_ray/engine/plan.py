@@ -14,12 +14,17 @@ import pyarrow as pa
 from laion_ray.udf import UDF
 
 ROWADDR = "_rowaddr"
+KEY = "key"  # LAION's row id: error records name rows by it
 UNIT = "_unit"
 UNIT_ROWS = "_unit_rows"
 # The sum of the unit's rows' digests (see row_digests): with UNIT_ROWS it tells
 # whether a set of parts holds exactly the unit's rows, whatever their order.
 UNIT_DIGEST = "_unit_digest"
 ERROR_PREFIX = "_error:"
+# Worker seconds spent on a block so far, carried by the block itself so that
+# they survive Ray Data's re-batching: the first row holds them, the rest 0.
+READ_S = "_read_s"
+UDF_S = "_udf_s"
 KEEP = "_keep"  # optional: rows computed but with no new value (e.g. unmatched keys)
 # A unit bounds a task's memory: about UNIT_BYTES of input, so an image unit
 # (rows of ~50 KB) holds ~1k rows and one of two int64 columns 1M rows.
@@ -66,6 +71,18 @@ def row_digests(addresses: np.ndarray) -> np.ndarray:
 def digest_sum(digests: np.ndarray) -> int:
     with np.errstate(over="ignore"):
         return int(np.sum(digests, dtype=np.uint64))
+
+
+def add_seconds(table: pa.Table, column: str, seconds: float) -> pa.Table:
+    """``table`` with ``seconds`` added to its ``column`` (see :data:`READ_S`)."""
+    if not table.num_rows:
+        return table
+    values = np.zeros(table.num_rows, np.float32)
+    values[0] = seconds
+    if column in table.column_names:
+        values += table[column].to_numpy()
+        return table.set_column(table.column_names.index(column), column, pa.array(values))
+    return table.append_column(column, pa.array(values))
 
 
 def row_range(start: int, end: int) -> str:

@@ -35,17 +35,20 @@ from . import checkpoint as ckpt
 from .commit import UDF_METADATA, tag_version
 from .error_log import checkpoint_root, dataset_identity, failed_keys_by_fragment
 from .executors import (
+    LOCAL_MAX_ROWS,
     LOCAL_THREADS,
     MAX_UNITS_PER_TASK,
     LocalExecutor,
     RayExecutor,
     choose_executor,
-    task_groups,
 )
 from .failpoints import failpoint
 from .failures import ErrorGate, root_failure, trusted_parts
+from .lanes import build_lanes
 from .lease import JobLease
+from .phases import PhaseClock, phases_line
 from .plan import (
+    KEY,
     ROWADDR,
     UnitPlan,
     WorkUnit,
@@ -56,7 +59,7 @@ from .plan import (
     reads_binary,
 )
 from .progress import Progress
-from .writeback import KEY, WriteBack
+from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +90,17 @@ class Job:
             outputs and ``_error:<producer>`` columns (and may add ``_keep``);
             None for a job built to run only in this process.
         local_transform: The same as a plain function of one unit's table,
-            when the job can run without Ray; see :func:`choose_executor`.
-        per_unit: Whether ``transform`` maps each unit's rows on their own, so
-            units can reach it in waves; False for a transform that joins the
-            whole stream at once (a shuffle), which then gets every unit.
+            when the job can run without Ray (see :func:`choose_executor`); on
+            Ray it then runs inside the read tasks.
+        plan_tasks: On Ray, with ``local_transform``: plans it on the connected
+            cluster, logs the plan, and returns the CPUs a read task asks for.
         where: Optional SQL filter on the rows to compute.
         overwrite: Whether existing output columns may be replaced.
         details: Extra facts for the commit history (UDF keys, parameters).
         stage_report: What ran where so far, one dict per stage (resources
-            requested, peak actors, nodes, devices; see :mod:`laion_ray.cluster`);
-            recorded in the report and each commit's details.
+            requested, peak actors, nodes, devices; see :mod:`laion_ray.cluster`),
+            given the nodes that ran read tasks; recorded in the report and each
+            commit's details.
     """
 
     uri: str
@@ -107,11 +111,11 @@ class Job:
     producers: list[str]
     transform: Callable[[Any], Any] | None
     local_transform: Callable[[pa.Table], pa.Table] | None = None
-    per_unit: bool = True
+    plan_tasks: Callable[[], float] | None = None
     where: str | None = None
     overwrite: bool = False
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
-    stage_report: Callable[[], list[dict[str, Any]]] | None = None
+    stage_report: Callable[[Sequence[str]], list[dict[str, Any]]] | None = None
 
 
 @dataclasses.dataclass
@@ -126,6 +130,7 @@ class JobReport:
     rows_failed: int = 0
     rows_resumed: int = 0
     rows_skipped_failed: int = 0
+    rows_selected: int | None = None  # rows the filter selects (None: not counted)
     units_total: int = 0
     units_resumed: int = 0
     fragments_committed: int = 0
@@ -134,6 +139,7 @@ class JobReport:
     tag: str | None = None
     executor: str = "ray"
     stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    phases: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def rows_per_s(self) -> float:
@@ -142,9 +148,26 @@ class JobReport:
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "rows_per_s": round(self.rows_per_s, 1)}
 
+    @property
+    def rows_filled_before(self) -> int | None:
+        """Selected rows whose outputs were there already (an incremental rerun)."""
+        if self.rows_selected is None:
+            return None
+        done = self.rows_processed + self.rows_resumed + self.rows_skipped_failed
+        return max(self.rows_selected - done, 0)
+
     def summary(self) -> str:
+        if not self.rows_processed and not self.rows_resumed:
+            return self._nothing_to_do()
+        filled = self.rows_filled_before
         return (
-            f"{self.job}: {self.rows_processed} rows processed, {self.rows_failed} failed, "
+            (
+                f"{self.job}: filled {self.rows_processed + self.rows_resumed:,} rows; "
+                f"{filled:,} were filled already\n"
+                if filled
+                else ""
+            )
+            + f"{self.job}: {self.rows_processed} rows processed, {self.rows_failed} failed, "
             f"{self.rows_resumed} resumed from checkpoints, {self.rows_skipped_failed} known-bad "
             f"skipped; {self.fragments_committed} fragments committed in {self.commits} commits; "
             f"{self.elapsed_s:.1f}s ({self.rows_per_s:,.0f} rows/s, {self.executor} executor); "
@@ -152,6 +175,19 @@ class JobReport:
             + (f", tagged {self.tag}" if self.tag else "")
             + "".join("\n" + line for line in format_stages(self.stages))
         )
+
+    def _nothing_to_do(self) -> str:
+        columns = ", ".join(f"`{c}`" for c in self.columns)
+        bad = self.rows_skipped_failed
+        left = f"; {bad:,} known-bad rows left alone (--retry-errors retries them)" if bad else ""
+        selected = self.rows_selected
+        which = f"all {selected - bad:,} selected rows" if selected is not None else "every row"
+        if selected is not None and bad:
+            which = f"{selected - bad:,} of {selected:,} selected rows"
+        return f"nothing to do: {columns} filled for {which} (version {self.version}){left}"
+
+    def phases_line(self) -> str:
+        return phases_line(self.phases) if self.phases else ""
 
 
 def classify_outputs(
@@ -228,18 +264,43 @@ def run_job(
     storage_options: Mapping[str, str] | None = None,
     address: str | None = None,
     executor: str = "auto",
+    clock: PhaseClock | None = None,
 ) -> JobReport:
     """Plan (or resume) ``job``, run it and commit its columns fragment by fragment.
 
     ``executor`` is ``ray`` (Ray Data), ``local`` (this process) or ``auto``
     (see :func:`choose_executor`); both use the same checkpoints and commits.
+    ``clock`` collects where the time goes (the CLI passes one holding its
+    import time); the report carries its phases.
     """
+    clock = clock or PhaseClock()
+    with clock.phase("plan"):
+        report = _run_job(
+            job, clock, retry_errors=retry_errors, max_error_fraction=max_error_fraction,
+            tag=tag, unit_rows=unit_rows, commit_every_s=commit_every_s,
+            checkpoint_uri=checkpoint_uri, storage_options=storage_options, address=address,
+            executor=executor,
+        )  # fmt: skip
+        report.phases = clock.to_dict()
+    report.phases = clock.to_dict()
+    if report_path:
+        fs, path = filesystem(report_path)
+        with fs.open_output_stream(path) as f:
+            f.write(json.dumps(report.to_dict(), indent=2).encode())
+    log.debug("%s", report.summary())  # callers print it; the CLI does
+    return report
+
+
+def _run_job(job: Job, clock: PhaseClock, *, retry_errors, max_error_fraction, tag, unit_rows,
+             commit_every_s, checkpoint_uri, storage_options, address, executor) -> JobReport:  # fmt: skip
     if not 0 <= max_error_fraction <= 1:
         raise LaionRayError(f"--max-error-fraction must be in [0, 1], got {max_error_fraction}")
     if unit_rows is not None and unit_rows < 1:
         raise LaionRayError(f"--unit-rows must be >= 1, got {unit_rows}")
     ds = open_dataset(job.uri, storage_options=storage_options)
     classify_outputs(ds, job.outputs, overwrite=job.overwrite)  # bad input fails before the lease
+    chosen = _executor(job, ds, executor, address)
+    chosen.start()  # Ray connects while the driver plans
     root = checkpoint_root(job.uri, checkpoint_uri)
     fingerprint = job_fingerprint_of(
         job.identity,
@@ -252,16 +313,17 @@ def run_job(
     options = dict(
         retry_errors=retry_errors, max_errors=max_error_fraction, unit_rows=unit_rows,
         commit_every_s=commit_every_s, storage_options=dict(storage_options or {}),
-        address=address, executor=executor,
+        clock=clock,
     )  # fmt: skip
     # One driver per job: a second one exits here, before it touches the checkpoint.
     with JobLease(root, fingerprint, storage_options) as lease:
         checkpoint = ckpt.JobCheckpoint(root, fingerprint, storage_options)
         while True:
-            run = _Run.start(job, checkpoint, root, lease, ds, **options)
+            run = _Run.start(job, checkpoint, root, lease, ds, executor=chosen, **options)
             ds = None  # a second round plans on the newest version
             report = run.execute()
-            _finish(job, checkpoint, lease, report, tag, storage_options)
+            with clock.phase("cleanup"):
+                _finish(job, checkpoint, lease, report, tag, storage_options)
             # A checkpoint whose every fragment was committed before this call is
             # what a run killed at its very end leaves: that job is done, so the
             # same command fills, incrementally, what was appended since.
@@ -269,12 +331,26 @@ def run_job(
                 break
             log.info("job %s was finished by an earlier run; looking for rows to fill since",
                      fingerprint)  # fmt: skip
-    if report_path:
-        fs, path = filesystem(report_path)
-        with fs.open_output_stream(path) as f:
-            f.write(json.dumps(report.to_dict(), indent=2).encode())
-    log.debug("%s", report.summary())  # callers print it; the CLI does
     return report
+
+
+def _executor(job: Job, ds: lance.LanceDataset, executor: str, address: str | None):
+    """The executor for ``job`` (see :func:`choose_executor`), not started yet."""
+    local = choose_executor(
+        executor,
+        can_run_local=job.local_transform is not None,
+        planned_rows=sum(f.metadata.physical_rows for f in ds.get_fragments()),
+        narrow=not reads_binary(job.read_columns, ds.schema),
+        ray_attached=ray_attached(address),
+    )
+    if local:
+        return LocalExecutor(job.local_transform)
+    return RayExecutor(
+        job.transform,
+        fused=job.local_transform,
+        plan_tasks=job.plan_tasks,
+        address=address,
+    )
 
 
 def _finish(job, checkpoint, lease, report, tag, storage_options) -> None:
@@ -304,7 +380,7 @@ class _Run:
 
     @classmethod
     def start(cls, job, checkpoint, root, lease, ds, *, storage_options, unit_rows, executor,
-              address, **options) -> _Run:  # fmt: skip
+              clock, **options) -> _Run:  # fmt: skip
         """Load this job's checkpoint (discarding a stale one) or plan it anew on
         ``ds`` (the newest version; None: open it)."""
         ds = ds or open_dataset(job.uri, storage_options=storage_options)
@@ -315,7 +391,7 @@ class _Run:
         ):
             log.warning("discarding stale checkpoint %s: %s", checkpoint.fingerprint, reason)
             cls(job, manifest, checkpoint, root, lease, storage_options=storage_options,
-                executor=None, resumed=True, **options).writeback.recover(mark=False)  # fmt: skip
+                executor=None, resumed=True, clock=clock, **options).writeback.discard()  # fmt: skip
             checkpoint.remove()
             manifest = None
         resumed = manifest is not None
@@ -335,39 +411,21 @@ class _Run:
             failpoint("plan.after_manifest")
         else:
             log.info("resuming job %s from its checkpoint", checkpoint.fingerprint)
-        local = choose_executor(
-            executor,
-            can_run_local=job.local_transform is not None,
-            planned_rows=sum(f["physical_rows"] for f in manifest["fragments"]),
-            narrow=not reads_binary(job.read_columns, ds.schema),
-            ray_attached=ray_attached(address),
-        )
+        executor.resumed = resumed
+        run = cls(job, manifest, checkpoint, root, lease, storage_options=storage_options,
+                  executor=executor, resumed=resumed, clock=clock, **options)  # fmt: skip
         # A task reads at least a default unit's worth of bytes, however small the units.
         task_units = default_unit_rows(job.read_columns, ds.schema) // manifest["unit_rows"]
-        units_per_task = min(MAX_UNITS_PER_TASK, max(1, task_units))
-        chosen = (
-            LocalExecutor(job.local_transform)
-            if local
-            else RayExecutor(
-                job.transform,
-                per_unit=job.per_unit,
-                address=address,
-                resumed=resumed,
-                units_per_task=units_per_task,
-            )  # fmt: skip
-        )
-        run = cls(job, manifest, checkpoint, root, lease, storage_options=storage_options,
-                  executor=chosen, resumed=resumed, **options)  # fmt: skip
-        run.units_per_task = units_per_task
+        run.units_per_task = min(MAX_UNITS_PER_TASK, max(1, task_units))
         return run
 
     def __init__(
         self, job: Job, manifest: dict, checkpoint: ckpt.JobCheckpoint, root: str,
         lease: JobLease, *, storage_options, executor, resumed: bool, retry_errors: bool,
-        max_errors: float, commit_every_s: float,
+        max_errors: float, commit_every_s: float, clock: PhaseClock,
     ):  # fmt: skip
         self.job, self.manifest, self.checkpoint, self.root = job, manifest, checkpoint, root
-        self.lease, self.executor, self.resumed = lease, executor, resumed
+        self.lease, self.executor, self.resumed, self.clock = lease, executor, resumed, clock
         self.storage_options = dict(storage_options or {})
         self.retry_errors, self.commit_every_s = retry_errors, commit_every_s
         self.run_id = uuid.uuid4().hex[:16]
@@ -388,7 +446,7 @@ class _Run:
             job, manifest, checkpoint, self.plan, self.ledger,
             run_tasks=lambda fn, args: self.executor.map(fn, args),
             fence=lease.fence, identity=self.identity, root=root,
-            retry_errors=retry_errors, storage_options=self.storage_options,
+            retry_errors=retry_errors, storage_options=self.storage_options, clock=clock,
         )  # fmt: skip
         evidence: list[str] = []
         if resumed and executor is not None:
@@ -409,6 +467,8 @@ class _Run:
         )
         self.errors_before = int(self.ledger.errors.sum())
         self.known_bad: dict = {}
+        self.task_nodes: set[str] = set()
+        self._progress_line = ""
         self.started = time.monotonic()
 
     def _load_checkpoint(self) -> list[str]:
@@ -427,10 +487,15 @@ class _Run:
         evidence: list[str] = []
         # One listing per fragment with parts; several at once on an object store.
         with ThreadPoolExecutor(LOCAL_THREADS * 2) as pool:
-            for parts in pool.map(self.checkpoint.fragment_parts, pending):
-                parts, untrusted = trusted_parts(parts, vouched)
-                for path in untrusted:  # a run that failed systemically wrote them
-                    self.checkpoint.delete_part(path)
+            for fragment_id, parts in zip(
+                pending, pool.map(self.checkpoint.fragment_parts, pending), strict=True
+            ):
+                kept, untrusted = trusted_parts(parts, vouched)
+                # Parts of a run that failed systemically, and parts whose column
+                # file never appeared, are no record: their units are recomputed.
+                kept, lost = self.writeback.without_lost_files(fragment_id, kept)
+                self.writeback.delete_parts(fragment_id, [*untrusted, *lost], kept)
+                parts = kept
                 for unit in ckpt.finished_units(parts).values():
                     self.ledger.add(unit.unit, unit.rows, unit.errors)
                 evidence += [path for path, rec in parts if rec["errors"]]
@@ -447,19 +512,36 @@ class _Run:
         self.report.rows_skipped_failed = sum(
             len(v.keys) for f, v in self.known_bad.items() if f in self.states
         )
-        if self.ledger.units_done < self.plan.total:
+        self.report.rows_selected = self._count(self.job.where)
+        if self.ledger.units_done < self.plan.total and not self._nothing_selected():
             self._stream()
         # The stream ended cleanly, so every unit without records read no rows.
         for unit in self._todo():
             self.ledger.add(unit.index, 0, 0)
         self._check_errors(final=True)
         self._commit_ready()
-        self.report.stages = self._stages().get("stages", [])
-        self.report.elapsed_s = time.monotonic() - self.started
-        self.report.version = open_dataset(
-            self.job.uri, storage_options=self.storage_options
-        ).version
+        with self.clock.phase("cleanup"):
+            self.report.stages = self._stages().get("stages", [])
+            self.report.elapsed_s = time.monotonic() - self.started
+            self.report.version = open_dataset(
+                self.job.uri, storage_options=self.storage_options
+            ).version
         return self.report
+
+    def _count(self, where: str | None) -> int | None:
+        """Rows ``where`` selects at the pinned version, where that costs the driver
+        little: no filter (fragment metadata), or a table small enough to scan here.
+        None otherwise: the read tasks find the rows anyway."""
+        total = sum(s.physical_rows for s in self.plan.states)
+        if where is not None and total > LOCAL_MAX_ROWS:
+            return None
+        return self.writeback.pinned_dataset().count_rows(where)
+
+    def _nothing_selected(self) -> bool:
+        """Whether a fresh plan's filter selects no row: then Ray is not even needed."""
+        if self.ledger.units_done or self.manifest["filter"] is None:
+            return False
+        return self._count(self.manifest["filter"]) == 0
 
     def _todo(self) -> Iterator[WorkUnit]:
         """Units not finished yet, generated as they are needed."""
@@ -477,49 +559,66 @@ class _Run:
         """What ran where, for the report and the commit details (empty when local)."""
         if self.report.executor == "local" or self.job.stage_report is None:
             return {}
-        stages = self.job.stage_report()
+        stages = self.job.stage_report(sorted(self.task_nodes))
         return {"stages": stages} if stages else {}
 
-    def _part_args(self) -> dict:
+    def _sink(self) -> ckpt.PartSink:
+        """Where this run's tasks write their parts."""
         columns = [
             ROWADDR,
             *([KEY] if KEY in self.job.read_columns else []),
             *self.job.outputs.names,
             *(error_column_name(p) for p in self.job.producers),
         ]
-        return dict(
+        return ckpt.PartSink(
             job_uri=self.checkpoint.uri,
             run_id=self.run_id,
-            columns=columns,
+            columns=tuple(columns),
             storage_options=self.storage_options,
-        )
-
-    def _read_args(self, units: list[WorkUnit]) -> tuple:
-        """``read_units``'s arguments for consecutive units of one fragment."""
-        known_bad = self.known_bad.get(units[0].fragment_id)
-        return (
-            self.job.uri,
-            self.writeback.pinned,
-            units,
-            self.job.read_columns,
-            self.manifest["filter"],
-            known_bad.keys_in(units[0].start, units[-1].end) if known_bad else (),
-            self.storage_options,
+            uri=self.job.uri,
+            pinned=self.writeback.pinned,
+            where=self.manifest["filter"],
+            outputs=self.job.outputs,
         )
 
     def _stream(self) -> None:
-        records_stream = self.executor.records(
-            task_groups(self._todo(), self.units_per_task), self._read_args, self._part_args()
+        with self.clock.phase("stream"):
+            self._stream_records()
+        log.info("%s", self._progress_line)
+
+    def _stream_records(self) -> None:
+        with self.clock.phase("connect"):  # Ray connected while the driver planned
+            max_lanes = self.executor.max_lanes()
+        lanes = build_lanes(
+            self.plan,
+            self.ledger.done,
+            skip=self.committed,
+            known_bad=self.known_bad,
+            units_per_task=self.units_per_task,
+            max_lanes=max_lanes,
         )
         progress = Progress(
             self.job.name, self._rows_todo(), self.plan.total, self.ledger.units_done
         )
         tally = ckpt.UnitTally()
         last_commit = time.monotonic()
-        stream = iter(records_stream)
+        stream = self.executor.records(lanes, self.job.read_columns, self._sink())
+        waiting = "pipeline_start"
         try:
-            for records in stream:
+            while True:
+                with self.clock.phase(waiting):
+                    records = next(stream, None)
+                waiting = "driver_idle"
+                if records is None:
+                    break
                 failpoint("stream.after_records")
+                self.clock.add_worker(
+                    *(
+                        float(pc.sum(records[c]).as_py() or 0)
+                        for c in ("read_s", "udf_s", "write_s")
+                    )
+                )
+                self.task_nodes.update(n for n in records["node"].unique().to_pylist() if n)
                 self.gate.note(records)
                 finished_now = 0
                 for rec in records.to_pylist():
@@ -554,7 +653,7 @@ class _Run:
             # Stops Ray Data's executor now, not when the iterator is collected.
             getattr(stream, "close", lambda: None)()
             progress.close()
-        log.info("%s", progress.line())
+            self._progress_line = progress.line()
 
     def _check_errors(self, *, final: bool) -> None:
         self.gate.check(
@@ -579,7 +678,8 @@ class _Run:
             **self._stages(),
         }
         before = self.writeback.committed_batches
-        with_rows = self.writeback.commit(ready, self.known_bad, details)
+        with self.clock.phase("commit"):
+            with_rows = self.writeback.commit(ready, self.known_bad, details)
         self.report.commits += self.writeback.committed_batches - before
         self.report.fragments_committed += len(with_rows)
         self.committed.update(ready)

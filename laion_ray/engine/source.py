@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -12,7 +13,17 @@ import pyarrow.compute as pc
 from laion_ray.filters import sql_and
 from laion_ray.storage import PinnedVersion, cached_dataset
 
-from .plan import ROWADDR, UNIT, UNIT_DIGEST, UNIT_ROWS, WorkUnit, row_digests, row_range
+from .plan import (
+    READ_S,
+    ROWADDR,
+    UNIT,
+    UNIT_DIGEST,
+    UNIT_ROWS,
+    WorkUnit,
+    add_seconds,
+    row_digests,
+    row_range,
+)
 
 
 def read_units(
@@ -31,8 +42,10 @@ def read_units(
     set-up, more than a small unit's rows). ``skip_keys`` are rows of these
     units that failed before: an incremental run leaves them alone unless the
     user asks to retry errors. The dataset is opened once per process
-    (:func:`cached_dataset`), not once per unit.
+    (:func:`cached_dataset`), not once per unit. The read's seconds travel in
+    the block (:data:`.plan.READ_S`).
     """
+    started = time.perf_counter()
     if any(
         a.end != b.start or a.fragment_id != b.fragment_id for a, b in itertools.pairwise(units)
     ):
@@ -55,8 +68,9 @@ def read_units(
     unit_digests = np.zeros(len(units), np.uint64)
     with np.errstate(over="ignore"):
         np.add.at(unit_digests, which, digests)
-    return (
+    table = (
         table.append_column(UNIT, pa.array(np.array([u.index for u in units], np.int32)[which]))
         .append_column(UNIT_ROWS, pa.array(rows_per_unit[which].astype(np.int32)))
         .append_column(UNIT_DIGEST, pa.array(unit_digests[which]))
     )
+    return add_seconds(table, READ_S, time.perf_counter() - started)

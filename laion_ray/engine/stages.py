@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ import pyarrow as pa
 from laion_ray.errors import JobFailed, LaionRayError, SystemicError
 from laion_ray.udf import UDF
 
-from .plan import error_column
+from .plan import UDF_S, add_seconds, error_column
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,9 @@ Step = tuple[UDF, set[str], Sequence[str]]  # a stage, the in-run columns it ski
 
 
 def _run_steps(batch: pa.Table, prepared: Sequence[tuple[Step, Callable, StageGuard]]) -> pa.Table:
-    """Each stage in turn over the whole block, in batches of its own ``batch_size``."""
+    """Each stage in turn over the whole block, in batches of its own ``batch_size``;
+    the seconds spent travel in the block (:data:`.plan.UDF_S`)."""
+    started = time.perf_counter()
     if isinstance(batch, pa.RecordBatch):
         batch = pa.Table.from_batches([batch])
     for (stage, upstream, keep), fn, guard in prepared:
@@ -291,7 +294,7 @@ def _run_steps(batch: pa.Table, prepared: Sequence[tuple[Step, Callable, StageGu
         batch = pa.concat_tables(
             [apply_stage(fn, stage, s, upstream=upstream, keep=keep, guard=guard) for s in slices]
         )
-    return batch
+    return add_seconds(batch, UDF_S, time.perf_counter() - started)
 
 
 class ActorStage:

@@ -11,8 +11,11 @@ One commit takes a batch of fragments whose units are all finished:
    column file each fragment will get, and the newest version seen, before
    anything is written. Redo: see below.
 4. ``assemble``: one column file per fragment from its parts (Ray tasks or
-   threads), under the names of step 3. Redo: files of an intent whose commit
-   never landed are deleted, and assembly starts over.
+   threads), under the names of step 3; a fragment whose units a single task
+   computed whole already has its file (written once, see
+   :func:`.assemble.write_fragment`) and *adopts* it, named in the intent as
+   adopted. Redo: files of an intent whose commit never landed are deleted
+   (adopted ones stay with the parts that record them), and assembly starts over.
 5. ``save_errors``: the batch's failed rows (if any) go to
    ``commits/<commit>.errors.arrow``, so that step 7 can be redone without
    the assembly that found them.
@@ -23,7 +26,10 @@ One commit takes a batch of fragments whose units are all finished:
    naming this commit. Redo: skipped when rows of this commit are there.
 8. ``mark_committed``: ``committed/<fragment>_<rows>_<errors>`` summaries.
    Redo: writing an empty file again is harmless.
-9. ``drop_parts``: the fragments' parts are deleted. Redo: deleting again.
+9. ``drop_parts``: the fragments' parts are deleted, and before them the
+   column files written once that the commit did not use (another writer's
+   values made us assemble anew). Redo: deleting again; a file is never
+   deleted while the newest version references it.
 10. ``close_intent``: the intent is deleted; the commit is complete.
 
 A fragment with no rows to write skips steps 2-7. Every step is idempotent,
@@ -41,6 +47,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -54,17 +61,17 @@ from .assemble import AssembledFragment, MissingPart, assemble_fragment
 from .commit import (
     add_columns,
     check_unchanged,
+    data_file_exists,
     delete_data_file,
     landed,
     replace_column_files,
 )
-from .error_log import ERROR_SCHEMA, KnownBad, record_errors, recorded
+from .error_log import ERROR_SCHEMA, KnownBad, part_errors, record_errors, recorded
 from .failpoints import failpoint
-from .plan import FragmentState, UnitPlan, WorkUnit
+from .phases import PhaseClock
+from .plan import KEY, FragmentState, UnitPlan, WorkUnit
 
 log = logging.getLogger(__name__)
-
-KEY = "key"
 
 
 class AccountingError(JobFailed):
@@ -95,6 +102,7 @@ class WriteBack:
         root: The checkpoint root (the errors table lives there).
         retry_errors: Whether this run retries rows that failed before.
         storage_options: Object-store options.
+        clock: Where the time goes (assembly is a phase of its own).
     """
 
     def __init__(
@@ -111,6 +119,7 @@ class WriteBack:
         root: str,
         retry_errors: bool,
         storage_options: Mapping[str, str],
+        clock: PhaseClock | None = None,
     ):
         self.job, self.manifest, self.checkpoint = job, manifest, checkpoint
         self.plan, self.ledger = plan, ledger
@@ -118,6 +127,7 @@ class WriteBack:
         self.identity, self.root = dict(identity), root
         self.retry_errors = retry_errors
         self.storage_options = dict(storage_options)
+        self.clock = clock or PhaseClock()
         self.states: dict[int, FragmentState] = {s.fragment_id: s for s in plan.states}
         self.pinned = PinnedVersion(**manifest["pinned"])
         self.columns_ready = False
@@ -142,13 +152,18 @@ class WriteBack:
             latest = open_dataset(self.job.uri, storage_options=self.storage_options)
             for f in with_rows:  # fail fast, before any work, if a fragment was rewritten
                 check_unchanged(latest, f, self.states[f].physical_rows)
+            with self.clock.phase("assembly"):
+                written = self.written_once(with_rows)
             intent = {
                 "base_version": latest.version,
-                "files": {str(f): [new_file_name()] for f in with_rows},
+                "files": {str(f): [new_file_name()] for f in with_rows if f not in written},
+                "adopted": {str(f): a.file_name for f, a in written.items()},
             }
             self.checkpoint.write_intent(commit_id, intent)
             failpoint("writeback.after_write_intent")
-            assembled = self.assemble(with_rows, intent, PinnedVersion.of(latest))
+            with self.clock.phase("assembly"):
+                todo = [f for f in with_rows if f not in written]
+                assembled = {**written, **self.assemble(todo, intent, PinnedVersion.of(latest))}
             failpoint("writeback.after_assemble")
             errors = pa.concat_tables(
                 [ERROR_SCHEMA.empty_table(), *(a.errors for a in assembled.values())]
@@ -163,7 +178,7 @@ class WriteBack:
             self.committed_batches += 1
         self.checkpoint.mark_committed({f: self.ledger.counts(f) for f in fragments})
         failpoint("writeback.after_mark_committed")
-        self.checkpoint.drop_parts(fragments)
+        self.drop_parts(fragments)
         failpoint("writeback.after_drop_parts")
         if commit_id is not None:
             self.checkpoint.close_intent(commit_id)
@@ -178,15 +193,7 @@ class WriteBack:
         A unit that silently produced nothing never reaches a commit. Costs one
         count per fragment at commit time (a scan of the filter's columns).
         """
-        if self._pinned_ds is None:
-            # The driver's own open of the pinned version, not the one the local
-            # executor's reader threads share: a count on that object while its
-            # scans run in other threads hung inside Lance (pylance 14.0.2, about
-            # one run in 45 on a loaded 2-core machine; none in 220 with its own).
-            self._pinned_ds = open_dataset(
-                self.job.uri, version=self.pinned.version, storage_options=self.storage_options
-            )
-        ds = self._pinned_ds
+        ds = self.pinned_dataset()
         where = self.manifest["filter"]
         for f in fragments:
             written = self.ledger.counts(f)[0]
@@ -205,6 +212,20 @@ class WriteBack:
                     "was committed. Rerun the same command: units without records are "
                     "recomputed"
                 )
+
+    def pinned_dataset(self):
+        """The driver's own open of the pinned version (for counts).
+
+        Not the one the local executor's reader threads share: a count on that
+        object while its scans run in other threads hung inside Lance (pylance
+        14.0.2, about one run in 45 on a loaded 2-core machine; none in 220
+        with its own).
+        """
+        if self._pinned_ds is None:
+            self._pinned_ds = open_dataset(
+                self.job.uri, version=self.pinned.version, storage_options=self.storage_options
+            )
+        return self._pinned_ds
 
     def add_columns(self, details: dict) -> None:
         if self.columns_ready:
@@ -250,6 +271,42 @@ class WriteBack:
             raise failures[0]
         return {a.fragment_id: a for a in outcomes}
 
+    def written_once(self, fragments: Sequence[int]) -> dict[int, AssembledFragment]:
+        """Fragments whose column file a task wrote whole, adopted as they are.
+
+        A fragment qualifies when each of its finished units is one
+        column-file part, all of one run: that run's file holds every value.
+        The failed rows come from the parts (which store only those), and what
+        the file's unchanged values were based on from any one part.
+        """
+
+        def adopt(fragment_id: int) -> AssembledFragment | None:
+            units = ckpt.finished_units(self.checkpoint.fragment_parts(fragment_id))
+            paths = [p for u in units.values() for p in u.paths]
+            records = [ckpt.parse_part_name(p.rsplit("/", 1)[-1]) for p in paths]
+            if (
+                not records
+                # A part lost since its write: the assembly names what is missing.
+                or sum(u.rows for u in units.values()) != self.ledger.counts(fragment_id)[0]
+                or len(paths) != len(units)
+                or not all(rec["column_file"] for rec in records)
+                or len({rec["run"] for rec in records}) != 1
+            ):
+                return None
+            opts = self.storage_options
+            stored = [
+                ckpt.read_part(p, opts)
+                for p, rec in zip(paths, records, strict=True)
+                if rec["errors"]
+            ]
+            spec = ckpt.column_file_of(stored[0] if stored else ckpt.read_part(paths[0], opts))
+            errors = pa.concat_tables([ERROR_SCHEMA.empty_table(), *map(part_errors, stored)])
+            return AssembledFragment(fragment_id, spec.file, errors.combine_chunks(), spec.based_on)
+
+        with ThreadPoolExecutor(8) as pool:
+            adopted = dict(zip(fragments, pool.map(adopt, fragments), strict=True))
+        return {f: a for f, a in adopted.items() if a is not None}
+
     def replace_files(
         self,
         commit_id: str,
@@ -261,7 +318,7 @@ class WriteBack:
             # Another writer committed these columns meanwhile: rebuild the files
             # from our parts on top of its values, under names recorded first.
             for f in fragments:
-                intent["files"][str(f)].append(new_file_name())
+                intent["files"].setdefault(str(f), []).append(new_file_name())
             self.checkpoint.write_intent(commit_id, intent)
             latest = open_dataset(self.job.uri, storage_options=self.storage_options)
             fresh = self.assemble(fragments, intent, PinnedVersion.of(latest))
@@ -305,11 +362,13 @@ class WriteBack:
         done: list[int] = []
         for commit_id, intent in self.checkpoint.intents():
             fragments = sorted(int(f) for f in intent["files"])
+            adopted = {f: [name] for f, name in intent.get("adopted", {}).items()}
+            fragments = sorted({*fragments, *(int(f) for f in adopted)})
             if landed(
                 self.job.uri,
                 commit_id,
                 intent["base_version"],
-                intent["files"],
+                {**intent["files"], **adopted},
                 self.storage_options,
             ):
                 log.info("commit %s had landed; completing it", commit_id)
@@ -319,7 +378,7 @@ class WriteBack:
                     self.record_errors(commit_id, errors, fragments)
                 if mark:
                     self.checkpoint.mark_committed({f: self.ledger.counts(f) for f in fragments})
-                    self.checkpoint.drop_parts(fragments)
+                    self.drop_parts(fragments)
                 done += fragments
             else:
                 log.info("commit %s had not landed; its fragments are committed again", commit_id)
@@ -328,6 +387,59 @@ class WriteBack:
                         delete_data_file(self.job.uri, name, self.storage_options)
             self.checkpoint.close_intent(commit_id)
         return done
+
+    def discard(self) -> None:
+        """Before a stale checkpoint is removed: settle its commits in flight and
+        delete the column files its parts recorded (none is committed)."""
+        self.recover(mark=False)
+        fragments = self.checkpoint.fragments_with_parts()
+        self._delete_unused_files({f: self.checkpoint.fragment_parts(f) for f in fragments})
+
+    # --- parts and the column files written once ------------------------------------
+    def drop_parts(self, fragments: Sequence[int]) -> None:
+        """Step 9: delete committed fragments' parts, and before them the column
+        files those parts recorded that the newest version does not use."""
+        self._delete_unused_files({f: self.checkpoint.fragment_parts(f) for f in fragments})
+        self.checkpoint.drop_parts(fragments)
+
+    def without_lost_files(
+        self, fragment_id: int, parts: list[tuple[str, dict]]
+    ) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+        """Split parts into records and column-file parts whose file never appeared
+        (a task killed between its parts and its file)."""
+        names = {_file_of(rec, fragment_id) for _, rec in parts if rec["column_file"]}
+        missing = {n for n in names if not data_file_exists(self.job.uri, n, self.storage_options)}
+        lost = [(p, rec) for p, rec in parts if _file_of(rec, fragment_id) in missing]
+        return [(p, rec) for p, rec in parts if (p, rec) not in lost], lost
+
+    def delete_parts(
+        self, fragment_id: int, drop: list[tuple[str, dict]], keep: list[tuple[str, dict]]
+    ) -> None:
+        """Delete some parts of an uncommitted fragment: first the column files no
+        kept part records, so that a file is never left without a part naming it."""
+        kept = {_file_of(rec, fragment_id) for _, rec in keep}
+        for name in {_file_of(rec, fragment_id) for _, rec in drop} - kept - {None}:
+            delete_data_file(self.job.uri, name, self.storage_options)
+        for path, _ in drop:
+            self.checkpoint.delete_part(path)
+
+    def _delete_unused_files(self, parts: Mapping[int, list[tuple[str, dict]]]) -> None:
+        names = {
+            (f, _file_of(rec, f)) for f, ps in parts.items() for _, rec in ps if rec["column_file"]
+        }
+        if not names:
+            return
+        latest = open_dataset(self.job.uri, storage_options=self.storage_options)
+        for fragment_id, name in names:
+            fragment = latest.get_fragment(fragment_id)
+            used = fragment is not None and name in {f.path for f in fragment.metadata.files}
+            if not used:
+                delete_data_file(self.job.uri, name, self.storage_options)
+
+
+def _file_of(rec: Mapping, fragment_id: int) -> str | None:
+    """The column file a part records its values in (None: it holds them)."""
+    return ckpt.column_file_name(rec["run"], fragment_id) if rec["column_file"] else None
 
 
 def assemble_task(

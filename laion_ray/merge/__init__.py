@@ -241,8 +241,6 @@ def merge(
         producers=[],
         transform=None if local else transform,
         local_transform=transform if local else None,
-        # A shuffle joins the whole unit stream with the whole source at once.
-        per_unit=strategy == "broadcast",
         overwrite=overwrite,
         details={
             "source": src.display,
