@@ -57,7 +57,8 @@ def test_the_walk_sees_the_package_imports():
     imports = package_imports()
     assert ("laion_ray.index", "laion_ray.engine.commit") in {(a, b) for a, b, _, _ in imports}
     assert any(
-        a == "laion_ray.engine.executors" and b == "laion_ray.engine.stages" for a, b, _, _ in imports
+        a == "laion_ray.engine.executors" and b == "laion_ray.engine.stages"
+        for a, b, _, _ in imports
     )
 
 
