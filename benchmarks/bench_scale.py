@@ -48,13 +48,9 @@ from laion_ray.engine.error_log import checkpoint_root  # noqa: E402
 from laion_ray.storage import IO_LOG_ENV, read_io_log  # noqa: E402
 
 
-def child(uri: str, unit_rows: int, executor: str, wave_units: int) -> None:
+def child(uri: str, unit_rows: int, executor: str) -> None:
     """One job in this (fresh) process; prints its measurements as JSON."""
     from laion_ray.backfill import backfill
-    from laion_ray.engine import run
-
-    if wave_units:  # a scaled-down run: the same bound on in-flight read tasks, smaller
-        run.WAVE_MIN_UNITS = run.WAVE_MAX_UNITS = wave_units
 
     start = time.perf_counter()
     report = backfill(uri, udfs=["aspect-ratio"], unit_rows=unit_rows, executor=executor)
@@ -65,7 +61,6 @@ def child(uri: str, unit_rows: int, executor: str, wave_units: int) -> None:
 
 def _start(uri: str, unit_rows: int, executor: str, env: dict) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--child", uri, str(unit_rows), executor]
-    cmd.append(env.get("BENCH_WAVE_UNITS", "0"))
     return subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
@@ -151,28 +146,17 @@ def main() -> None:
         "--resume-max-units", type=int, default=None, help="skip the kill/resume above this"
     )
     parser.add_argument("--workdir", default=None)
-    parser.add_argument(
-        "--wave-units",
-        type=int,
-        default=0,
-        help="units per Ray Data wave (default: the engine's, 2,048 to 32,768); "
-        "a smaller wave scales the 100,000-unit case down to what a small machine runs",
-    )
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_scale_")
     template = make_table(os.path.join(workdir, "template.lance"), args.rows, args.fragments)
     env = {**os.environ, IO_LOG_ENV: os.path.join(workdir, "io.log")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.pop("RAY_ADDRESS", None)
-    env["BENCH_WAVE_UNITS"] = str(args.wave_units)
     env["RAY_AUTH_MODE"] = "disabled"  # loopback Ray: the job drivers attach without a token
     os.environ.update(RAY_AUTH_MODE="disabled", **{IO_LOG_ENV: env[IO_LOG_ENV]})
     counts = [int(u) for u in args.units.split(",")]
     print(f"driver bookkeeping: {bookkeeping_us_per_unit():.1f} us per finished unit")
-    print(
-        f"table: {args.rows} rows in {args.fragments} fragments; units {counts}; "
-        f"wave {args.wave_units or 'engine default'}"
-    )
+    print(f"table: {args.rows} rows in {args.fragments} fragments; units {counts}")
     for executor in args.executors.split(","):
         run_env = dict(env)
         if executor == "ray":
@@ -212,6 +196,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
-        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+        child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     else:
         main()
