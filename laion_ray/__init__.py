@@ -8,7 +8,10 @@ Examples:
 from __future__ import annotations
 
 import os
+import time
 
+# Where a CLI run's "import" phase starts (see laion_ray/engine/phases.py).
+IMPORT_STARTED = time.perf_counter()
 __version__ = "0.1.0"
 
 # Ray Data keeps a driver's cluster resource reservation until it expires, and

@@ -36,6 +36,7 @@ from laion_ray.engine.plan import (
     dataset_inputs,
     error_column,
 )
+from laion_ray.engine.phases import PhaseClock
 from laion_ray.engine.run import COMMIT_EVERY_S, KEY, Job, JobReport, run_job
 from laion_ray.errors import LaionRayError
 from laion_ray.filters import check_filter, to_lance_sql
@@ -263,6 +264,7 @@ def backfill(
     address: str | None = None,
     job_name: str | None = None,
     executor: str = "auto",
+    clock: PhaseClock | None = None,
 ) -> JobReport:
     """Compute ``udfs`` over ``uri`` and write their outputs back as columns.
 
@@ -301,6 +303,8 @@ def backfill(
         job_name: Recorded in the commit history (default: the UDF names).
         executor: ``ray``, ``local`` or ``auto``: small jobs of function UDFs on
             narrow columns run in this process when no Ray is running or named.
+        clock: Collects where the time goes (``JobReport.phases``); the CLI
+            passes one that already holds its import time.
 
     Returns:
         A :class:`JobReport`.
@@ -346,4 +350,5 @@ def backfill(
         storage_options=storage_options,
         address=address,
         executor=executor,
+        clock=clock,
     )

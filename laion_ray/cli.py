@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from laion_ray.errors import JobFailed, LaionRayError, SystemicError, brief
@@ -446,8 +447,12 @@ def _backfill_args(p: argparse.ArgumentParser) -> None:
 
 @_backfill_args
 def _backfill(args: argparse.Namespace) -> None:
+    import laion_ray
     from laion_ray.backfill import backfill
+    from laion_ray.engine.phases import PhaseClock
 
+    clock = PhaseClock()
+    clock.add("import", time.perf_counter() - laion_ray.IMPORT_STARTED)
     report = backfill(
         args.uri,
         udfs=args.udf,
@@ -470,8 +475,11 @@ def _backfill(args: argparse.Namespace) -> None:
         storage_options=_storage(args),
         address=args.address,
         executor=args.executor,
+        clock=clock,
     )
     print(report.summary())
+    if args.verbose:
+        print(report.phases_line())
 
 
 @command("udfs", help="list the built-in UDFs", example="laion-ray udfs")

@@ -262,3 +262,15 @@ class DeviceDouble:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.table({"width_x2": pc.multiply(pc.cast(batch["width"], pa.int64()), 2)})
+
+
+@udf(inputs=["key"], outputs=pa.schema([("key_x3", pa.int64())]), name="counted-model")
+class CountedModel:
+    """A model UDF that appends a line to ``log`` each time an actor loads it."""
+
+    def __init__(self, log: str) -> None:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.table({"key_x3": pc.multiply(batch["key"], 3)})

@@ -516,6 +516,9 @@ def test_no_lost_update_when_another_job_commits_the_column_between_assembly_and
     monkeypatch.setattr(writeback, "replace_column_files", b_commits_first)
     a = _stamp(uri, 1, where="key % 2 = 0", overwrite=True)
     assert a.rows_processed == 150
+    # A's tasks wrote its files once (no parts to assemble from): the re-assembly
+    # reads A's values back from them.
+    assert all(f.file_name.startswith("lr-") for f in a_files[0].values()), a_files
 
     table = _sorted_table(uri)
     expected = [
