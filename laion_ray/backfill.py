@@ -26,6 +26,7 @@ from laion_ray.cluster import (
     start_placement_log,
 )
 from laion_ray.engine.commit import UDF_METADATA
+from laion_ray.engine.phases import PhaseClock
 from laion_ray.engine.plan import (
     READ_S,
     ROWADDR,
@@ -36,7 +37,6 @@ from laion_ray.engine.plan import (
     dataset_inputs,
     error_column,
 )
-from laion_ray.engine.phases import PhaseClock
 from laion_ray.engine.run import COMMIT_EVERY_S, KEY, Job, JobReport, run_job
 from laion_ray.errors import LaionRayError
 from laion_ray.filters import check_filter, to_lance_sql
