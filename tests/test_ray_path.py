@@ -18,7 +18,7 @@ import pytest
 
 from laion_ray.backfill import backfill
 from laion_ray.cli import main
-from laion_ray.engine import writeback
+from laion_ray.engine import executors, writeback
 from laion_ray.engine.commit import column_files, field_ids
 from laion_ray.engine.datasource import LaneDatasource
 from laion_ray.engine.phases import DRIVER_PHASES, WORKER_PHASES
@@ -200,3 +200,16 @@ def test_cli_rerun_of_a_finished_job_says_there_is_nothing_to_do(tmp_path, capsy
         "nothing to do: `aspect_ratio`, `is_high_res` filled for all 120 selected rows "
         f"(version {lance.dataset(uri).version})"
     )
+
+
+def test_slow_whole_fragments_get_parts_unit_by_unit(tmp_path, monkeypatch):
+    """Past the write-once budget a whole fragment's units are checkpointed as they
+    finish (a crash then loses little), and assembled at commit like any others."""
+    uri = str(tmp_path / "d.lance")
+    write_sample(uri, rows=90, fragments=3, seed=9)
+    monkeypatch.setattr(executors, "WRITE_ONCE_MAX_S", 0.0)
+    report = backfill(uri, udfs=["aspect-ratio"], unit_rows=10, executor="local")
+    assert report.rows_processed == 90
+    assert not any(name.startswith("lr-") for name in _output_files(uri).values())
+    table = lance.dataset(uri).to_table(columns=["width", "height", "aspect_ratio"])
+    assert table["aspect_ratio"].to_pylist() == _expected(table)

@@ -49,14 +49,14 @@ class LaneDatasource(Datasource):
 
             for group in lane.groups():
                 if fused is not None:
-                    records = run_group(group, columns, sink, fused)
-                else:
-                    records = read_units(
-                        sink.uri, sink.pinned, group.units, columns, sink.where,
-                        group.skip_keys, sink.storage_options,
-                    )  # fmt: skip
-                if records is not None and records.num_rows:
-                    yield records
+                    yield from run_group(group, columns, sink, fused)
+                    continue
+                rows = read_units(
+                    sink.uri, sink.pinned, group.units, columns, sink.where,
+                    group.skip_keys, sink.storage_options,
+                )  # fmt: skip
+                if rows.num_rows:
+                    yield rows
 
         meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
         return ReadTask(read, meta)

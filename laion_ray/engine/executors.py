@@ -13,11 +13,13 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -27,7 +29,7 @@ from laion_ray.udf import TASK_CPUS
 from . import checkpoint as ckpt
 from .assemble import write_fragment
 from .lanes import LANES_PER_SLOT, Group, Lane
-from .plan import KEEP
+from .plan import KEEP, UNIT
 from .source import read_units
 from .stages import MAX_RETRIES
 
@@ -37,6 +39,11 @@ LOCAL_THREADS = min(4, os.cpu_count() or 1)
 # many (see lanes.py); the bound keeps a job many tasks wide.
 MAX_UNITS_PER_TASK = 64
 ASSEMBLE_CPUS = 0.5
+# A whole fragment's values are written once (its column file) unless its
+# group takes longer than this, or holds more outputs than this, to compute:
+# then its units get parts as they finish, so a crash loses little work.
+WRITE_ONCE_MAX_S = 5.0
+WRITE_ONCE_MAX_BYTES = 256 * 1024**2
 
 
 def choose_executor(
@@ -66,26 +73,45 @@ def run_group(
     columns: Sequence[str],
     sink: ckpt.PartSink,
     transform: Callable[[pa.Table], pa.Table],
-) -> pa.Table | None:
+) -> Iterator[pa.Table]:
     """Read one group, compute it and write it: the whole of a cheap job's work.
 
-    A group that is a whole fragment writes the fragment's column file itself
-    (:func:`.assemble.write_fragment`): its values are written once, not as
-    parts and again at assembly. Rows a transform keeps out (``_keep``, a
-    merge's unmatched keys) need parts. Returns the parts' records (None when
-    the group's read selected no row).
+    One scan reads the group; its units are computed one after another. A
+    group that is a whole fragment keeps their outputs and writes the
+    fragment's column file itself (:func:`.assemble.write_fragment`): values
+    written once, not as parts and again at assembly. Expensive work gets
+    parts unit by unit instead, as soon as each is done: once the group has
+    taken ``WRITE_ONCE_MAX_S`` or holds ``WRITE_ONCE_MAX_BYTES`` of outputs, a
+    crash would cost more than a second write. Rows a transform keeps out
+    (``_keep``, a merge's unmatched keys) always need parts. Yields the parts'
+    records.
     """
+    started = time.monotonic()
     table = read_units(
         sink.uri, sink.pinned, group.units, columns, sink.where, group.skip_keys,
         sink.storage_options,
     )  # fmt: skip
     if not table.num_rows:
-        return None
-    outputs = transform(table)
-    keeps_all = KEEP not in outputs.column_names or pc.all(outputs[KEEP]).as_py()
-    if group.whole and keeps_all:
-        return write_fragment(outputs, group, sink)
-    return ckpt.write_parts(outputs, sink=sink)
+        return
+    units = table[UNIT].to_numpy()
+    starts = np.flatnonzero(np.diff(units, prepend=np.int64(-1)))
+    ends = [*starts[1:], len(units)]
+    held: list[pa.Table] | None = [] if group.whole else None  # for the column file
+    for n, (begin, end) in enumerate(zip(starts, ends, strict=True)):
+        outputs = transform(table.slice(begin, end - begin))
+        if held is not None:
+            held.append(outputs)
+            keeps_all = KEEP not in outputs.column_names or pc.all(outputs[KEEP]).as_py()
+            expensive = (
+                time.monotonic() - started > WRITE_ONCE_MAX_S
+                or sum(t.nbytes for t in held) > WRITE_ONCE_MAX_BYTES
+            )
+            if keeps_all and (n == len(starts) - 1 or not expensive):
+                continue
+            outputs, held = pa.concat_tables(held), None  # parts from here on
+        yield ckpt.write_parts(outputs, sink=sink)
+    if held:
+        yield write_fragment(pa.concat_tables(held), group, sink)
 
 
 class LocalExecutor:
@@ -108,6 +134,10 @@ class LocalExecutor:
     def max_lanes(self) -> int:
         return 1  # the threads take groups in turn from one lane
 
+    def _run_group(self, group: Group, columns: Sequence[str], sink: ckpt.PartSink):
+        records = list(run_group(group, columns, sink, self.transform))
+        return pa.concat_tables(records) if records else None
+
     def records(
         self, lanes: Sequence[Lane], columns: Sequence[str], sink: ckpt.PartSink
     ) -> Iterator[pa.Table]:
@@ -116,7 +146,7 @@ class LocalExecutor:
         queued: collections.deque = collections.deque()
         try:
             for group in groups:
-                queued.append(pool.submit(run_group, group, columns, sink, self.transform))
+                queued.append(pool.submit(self._run_group, group, columns, sink))
                 while len(queued) >= 2 * LOCAL_THREADS or (queued and queued[0].done()):
                     if (records := queued.popleft().result()) is not None:
                         yield records
