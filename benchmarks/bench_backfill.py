@@ -12,6 +12,13 @@ Lines printed:
 2. ``laion-ray / pylance SQL add_columns rows/s``: against single-process
    ``LanceDataset.add_columns`` with two SQL expressions (target >= 0.25).
 3. ``fixed overhead``: wall time of each on a 1k-row table (Ray already up).
+   ``CLI on a running Ray``: ``laion-ray backfill`` of a 1k-row table as a
+   subprocess attached to this Ray (as under ``ray job submit``; target <= 3 s),
+   and its rerun, which has nothing to do (target <= 2 s), against a bare
+   ``ray.init`` of the same Ray.
+   ``where the time goes``: the Ray executor's phases (median over the repeats).
+   ``8M rows``: laion-ray (ray executor) / lance-ray at ``--big-rows`` rows in
+   ``--big-fragments`` fragments, fixed costs amortised (target >= 2).
 4. ``(kill at ~50% + rerun) / clean run wall time``: the CLI as a subprocess with
    a slow UDF (``benchmarks/slow_udf.py``), SIGKILLed at ~50% of the checkpointed rows,
    rerun to completion (target <= 1.15). Three ways: ``--executor auto`` (the
@@ -105,6 +112,9 @@ def lance_ray_transform(batch: pa.RecordBatch) -> pa.RecordBatch:
     )
 
 
+PHASES: list[dict] = []  # the ray executor's phases of each timed run
+
+
 def run_laion_ray(uri: str, executor: str = "ray") -> float:
     from laion_ray.backfill import backfill
 
@@ -112,7 +122,44 @@ def run_laion_ray(uri: str, executor: str = "ray") -> float:
     report = backfill(uri, udfs=["aspect-ratio"], executor=executor)
     wall = time.perf_counter() - start
     assert report.rows_processed == lance.dataset(uri).count_rows(), report.summary()
+    if executor == "ray":
+        PHASES.append(report.phases)
     return wall
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
+def median_phases(runs: list[dict]) -> str:
+    """The phase line of the run whose wall time is the median."""
+    from laion_ray.engine.phases import phases_line
+
+    totals = [sum(r["driver_s"].values()) for r in runs]
+    return phases_line(runs[int(np.argsort(totals)[len(totals) // 2])])
+
+
+def cli_on_running_ray(template: str, workdir: str, address: str, repeats: int) -> dict:
+    """Wall time of the CLI attached to a running Ray: a 1k-row backfill, its
+    rerun (nothing to do), and a bare ``ray.init`` to the same Ray, interleaved."""
+    env = {**os.environ, "RAY_ADDRESS": address}
+    times: dict[str, list[float]] = {"backfill": [], "rerun": [], "connect": []}
+    connect = f"import ray; ray.init(address={address!r}, log_to_driver=False)"
+    for i in range(repeats):
+        uri = fresh_copy(template, os.path.join(workdir, f"cli_{i}.lance"))
+        for name, cmd in (
+            ("backfill", ["laion-ray", "backfill", uri, "--udf", "aspect-ratio"]),
+            ("rerun", ["laion-ray", "backfill", uri, "--udf", "aspect-ratio"]),
+            ("connect", [sys.executable, "-c", connect]),
+        ):
+            start = time.perf_counter()
+            out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+            times[name].append(time.perf_counter() - start)
+            if out.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} exited {out.returncode}:\n{out.stderr}")
+            if name == "rerun":
+                assert out.stdout.startswith("nothing to do:"), out.stdout
+    return times
 
 
 def run_lance_ray(uri: str, batch_size: int) -> float:
@@ -254,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--fragments", type=int, default=8)
+    p.add_argument("--big-rows", type=int, default=8_000_000, help="0 skips the line")
+    p.add_argument("--big-fragments", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="smoke run: 200k rows, short kill test")
     p.add_argument(
         "--out", help="working directory for tables and results.json (default: a temp dir)"
@@ -282,6 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.rows = min(args.rows, 200_000)
+        args.big_rows = min(args.big_rows, 800_000)
     kill_rows = args.kill_rows or (65536 if args.quick else 131072)
     kill_seconds = args.kill_seconds or (20.0 if args.quick else 60.0)
     if args.rows < args.fragments * 2 or args.fragments < 1:
@@ -309,6 +359,10 @@ def main(argv: list[str] | None = None) -> dict:
         fresh_copy(small, t("small_lray.lance")), args.lance_ray_batch_size
     )
     res["overhead_sql_s"] = run_pylance_sql(fresh_copy(small, t("small_sql.lance")))
+    import ray
+
+    running = ray.get_runtime_context().gcs_address  # this process's Ray, left running
+    res["cli"] = cli_on_running_ray(small, tables, running, args.repeats)
 
     # 5a. half-size run for the memory ratio.
     half = make_table(t("half.lance"), args.rows // 2, args.fragments, seed=1)
@@ -318,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 1-2 (and 5b). throughput, each contender on its own fresh copy; interleaved
     # repeats, median of each (sub-second runs on a shared machine are noisy).
     full = make_table(t("full.lance"), args.rows, args.fragments, seed=2)
+    PHASES.clear()
     contenders = {
         "laion_s": run_laion_ray,
         # What `laion-ray backfill` picks for this job when no Ray is running (auto).
@@ -340,6 +395,19 @@ def main(argv: list[str] | None = None) -> dict:
         res[f"{name}_all"] = values
     sums = {name: check_columns(t(f"full_{name}.lance")) for name in ("lr", "local", "lray", "sql")}
     assert max(sums.values()) - min(sums.values()) < 1e-6 * abs(sums["sql"]), sums
+    res["phases"] = list(PHASES)
+    if args.big_rows:  # the same contenders on a bigger table: fixed costs amortised
+        big = make_table(t("big.lance"), args.big_rows, args.big_fragments, seed=4)
+        big_times: dict[str, list[float]] = {"laion_s": [], "lance_ray_s": []}
+        for _ in range(args.repeats):
+            big_times["laion_s"].append(run_laion_ray(fresh_copy(big, t("big_lr.lance"))))
+            big_times["lance_ray_s"].append(
+                run_lance_ray(fresh_copy(big, t("big_lray.lance")), args.lance_ray_batch_size)
+            )
+        res["big"] = big_times
+        assert abs(check_columns(t("big_lr.lance")) - check_columns(t("big_lray.lance"))) < (
+            1e-6 * abs(check_columns(t("big_lray.lance")))
+        )
     res["peak_rss_half_mb"] = rss_half.peak_single / 2**20
     res["peak_rss_full_mb"] = rss_full.peak_single / 2**20
     res["peak_rss_total_half_mb"] = rss_half.peak_total / 2**20
@@ -347,6 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rate = lambda s: args.rows / s  # noqa: E731
     local = res["laion_local_s"]
+    pairs = lambda a, b: [y / x for x, y in zip(times[a], times[b], strict=True)]  # noqa: E731
     lines = [
         f"laion-ray (local executor, auto's choice here) / lance-ray add_columns rows/s = "
         f"{res['lance_ray_s'] / local:.2f} (target >= 2)  [laion-ray {rate(local):,.0f} rows/s"
@@ -355,23 +424,44 @@ def main(argv: list[str] | None = None) -> dict:
         f"{res['sql_s'] / local:.2f} (target >= 0.25)  [median of {args.repeats} interleaved"
         " repeats, as every throughput figure here]",
         f"laion-ray (ray executor) / lance-ray add_columns rows/s = {res['lance_ray_s'] / res['laion_s']:.2f} (target >= 2)"
-        f"  [laion-ray {rate(res['laion_s']):,.0f} rows/s in {res['laion_s']:.2f}s;"
-        f" lance-ray {rate(res['lance_ray_s']):,.0f} rows/s in {res['lance_ray_s']:.2f}s]",
+        f"  [per repeat {spread(pairs('laion_s', 'lance_ray_s'))}; laion-ray"
+        f" {rate(res['laion_s']):,.0f} rows/s in {res['laion_s']:.2f}s;"
+        f" lance-ray {rate(res['lance_ray_s']):,.0f} rows/s in {res['lance_ray_s']:.2f}s;"
+        f" {args.rows:,} rows in {args.fragments} fragments]",
+        f"  where the time goes, ray executor (the median run): {median_phases(res['phases'])}",
         f"laion-ray (ray executor) / pylance SQL add_columns rows/s = {res['sql_s'] / res['laion_s']:.2f} (target >= 0.25)"
         f"  [pylance SQL {rate(res['sql_s']):,.0f} rows/s in {res['sql_s']:.2f}s]",
         f"fixed overhead: laion-ray wall time on 1k rows = {res['overhead_laion_s']:.2f} s"
         f"  [lance-ray {res['overhead_lance_ray_s']:.2f} s; pylance SQL {res['overhead_sql_s']:.3f} s;"
         " Ray already running]",
     ]
+    cli = res["cli"]
+    med = {k: float(np.median(v)) for k, v in cli.items()}
+    lines += [
+        f"CLI on a running Ray, 1k-row aspect-ratio backfill: wall {med['backfill']:.2f} s"
+        f" (target <= 3; spread {spread(cli['backfill'])}); / bare ray.init of the same Ray"
+        f" ({med['connect']:.2f} s) = {med['backfill'] / med['connect']:.2f}",
+        f"CLI on a running Ray, rerun of the finished job (nothing to do): wall"
+        f" {med['rerun']:.2f} s (target <= 2; spread {spread(cli['rerun'])}); / bare ray.init"
+        f" = {med['rerun'] / med['connect']:.2f}",
+    ]
+    if args.big_rows:
+        big = {k: float(np.median(v)) for k, v in res["big"].items()}
+        per = [y / x for x, y in zip(res["big"]["laion_s"], res["big"]["lance_ray_s"], strict=True)]
+        lines.append(
+            f"laion-ray (ray executor) / lance-ray add_columns rows/s at {args.big_rows:,} rows in"
+            f" {args.big_fragments} fragments = {big['lance_ray_s'] / big['laion_s']:.2f}"
+            f" (target >= 2)  [per repeat {spread(per)}; laion-ray"
+            f" {args.big_rows / big['laion_s']:,.0f} rows/s in {big['laion_s']:.2f}s;"
+            f" lance-ray {args.big_rows / big['lance_ray_s']:,.0f} rows/s in"
+            f" {big['lance_ray_s']:.2f}s]"
+        )
     if not args.skip_kill:
         kill_tpl = make_table(t("kill.lance"), kill_rows, args.fragments, seed=3)
         res["ray_startup_s"] = ray_startup_s()
-        import ray
-
         from laion_ray.engine.run import LOCAL_THREADS
         from laion_ray.udf import TASK_CPUS
 
-        running = ray.get_runtime_context().gcs_address  # this process's Ray, left running
         units = -(-kill_rows // args.kill_unit_rows)
         ray_tasks = int(ray.cluster_resources()["CPU"] / TASK_CPUS)
         modes = {  # name: (label, executor, Ray address, units running at once)

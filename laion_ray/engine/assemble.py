@@ -37,6 +37,7 @@ from . import checkpoint as ckpt
 from .checkpoint import read_part
 from .commit import ColumnFile, check_unchanged, column_files, delete_data_file, field_ids
 from .error_log import ERROR_SCHEMA, part_errors
+from .lanes import Group
 from .plan import KEY, ROWADDR, UNIT, WorkUnit, digest_sum, row_digests, row_range
 
 
@@ -245,7 +246,7 @@ def assemble_fragment(
     return AssembledFragment(fragment_id, file_name, errors, based_on)
 
 
-def write_fragment(outputs: pa.Table, group, sink: ckpt.PartSink) -> pa.Table:
+def write_fragment(outputs: pa.Table, group: Group, sink: ckpt.PartSink) -> pa.Table:
     """A whole fragment's outputs, written once: its column file, and its units'
     parts holding only their failed rows (the file holds the values).
 
@@ -284,8 +285,12 @@ def write_fragment(outputs: pa.Table, group, sink: ckpt.PartSink) -> pa.Table:
             for u in group.units
         }  # fmt: skip
         records = ckpt.write_parts(outputs, sink=sink, column_files=specs)
-    finally:
+    except BaseException:
+        # No file without its parts: an object store would publish it at close.
         writer.close()
+        delete_data_file(sink.uri, target.rsplit("/", 1)[-1], opts)
+        raise
+    writer.close()
     if local:
         fs, path = filesystem(final, opts)
         fs.move(filesystem(target, opts)[1], path)

@@ -229,7 +229,7 @@ def write_parts(
     records = []
     units_of_rows = batch[UNIT].to_numpy()
     addresses = batch[ROWADDR].to_numpy()
-    digests = row_digests(addresses)
+    unit_rows = batch[UNIT_ROWS].to_numpy()
     unit_digests = batch[UNIT_DIGEST].to_numpy()
     errors = _error_counts(batch)
     keep = (
@@ -258,9 +258,9 @@ def write_parts(
             "run": sink.run_id,
             "first": address & 0xFFFFFFFF,
             "rows": int(end - begin),
-            "unit_rows": int(batch[UNIT_ROWS][int(begin)].as_py()),
+            "unit_rows": int(unit_rows[begin]),
             "errors": int(errors[begin:end].sum()),
-            "digest": digest_sum(digests[begin:end]),
+            "digest": digest_sum(row_digests(addresses[begin:end])),
             "unit_digest": int(unit_digests[begin]),
             "column_file": column_files is not None,
         }

@@ -513,13 +513,15 @@ class _Run:
             len(v.keys) for f, v in self.known_bad.items() if f in self.states
         )
         self.report.rows_selected = self._count(self.job.where)
-        if self.ledger.units_done < self.plan.total and not self._nothing_selected():
+        nothing = self._nothing_selected()
+        if self.ledger.units_done < self.plan.total and not nothing:
             self._stream()
         # The stream ended cleanly, so every unit without records read no rows.
         for unit in self._todo():
             self.ledger.add(unit.index, 0, 0)
         self._check_errors(final=True)
-        self._commit_ready()
+        if not nothing:  # else the job is done: nothing to commit, nor to mark
+            self._commit_ready()
         with self.clock.phase("cleanup"):
             self.report.stages = self._stages().get("stages", [])
             self.report.elapsed_s = time.monotonic() - self.started

@@ -21,6 +21,7 @@ from .plan import (
     UNIT_ROWS,
     WorkUnit,
     add_seconds,
+    digest_sum,
     row_digests,
     row_range,
 )
@@ -53,21 +54,23 @@ def read_units(
     ds = cached_dataset(uri, pinned=pinned, storage_options=storage_options)
     fragment_id = units[0].fragment_id
     base = fragment_id << 32
-    query = sql_and(where, row_range(base + units[0].start, base + units[-1].end))
-    table = (
-        ds.get_fragment(fragment_id)
-        .scanner(columns=list(columns), filter=query, with_row_address=True)
-        .to_table()
-    )
+    fragment = ds.get_fragment(fragment_id)
+    whole = units[0].start == 0 and units[-1].end == fragment.metadata.physical_rows
+    rows = None if whole else row_range(base + units[0].start, base + units[-1].end)
+    table = fragment.scanner(
+        columns=list(columns), filter=sql_and(where, rows), with_row_address=True
+    ).to_table()
     if len(skip_keys) and "key" in table.column_names:
         table = table.filter(pc.invert(pc.is_in(table["key"], pa.array(skip_keys, pa.int64()))))
-    offsets = table[ROWADDR].to_numpy() & 0xFFFFFFFF
-    which = np.searchsorted([u.start for u in units], offsets, side="right") - 1
+    addresses = table[ROWADDR].to_numpy()
+    which = np.searchsorted([u.start for u in units], addresses & 0xFFFFFFFF, side="right") - 1
     rows_per_unit = np.bincount(which, minlength=len(units))
-    digests = row_digests(table[ROWADDR].to_numpy())
-    unit_digests = np.zeros(len(units), np.uint64)
-    with np.errstate(over="ignore"):
-        np.add.at(unit_digests, which, digests)
+    digests = row_digests(addresses)
+    # A fragment's scan comes in row order, so each unit's rows are one run.
+    bounds = np.concatenate([[0], np.cumsum(rows_per_unit)])
+    unit_digests = np.array(
+        [digest_sum(digests[a:b]) for a, b in itertools.pairwise(bounds)], np.uint64
+    )
     table = (
         table.append_column(UNIT, pa.array(np.array([u.index for u in units], np.int32)[which]))
         .append_column(UNIT_ROWS, pa.array(rows_per_unit[which].astype(np.int32)))
