@@ -361,16 +361,11 @@ class WriteBack:
         """
         done: list[int] = []
         for commit_id, intent in self.checkpoint.intents():
-            fragments = sorted(int(f) for f in intent["files"])
-            adopted = {f: [name] for f, name in intent.get("adopted", {}).items()}
-            fragments = sorted({*fragments, *(int(f) for f in adopted)})
-            if landed(
-                self.job.uri,
-                commit_id,
-                intent["base_version"],
-                {**intent["files"], **adopted},
-                self.storage_options,
-            ):
+            names = {f: list(n) for f, n in intent["files"].items()}
+            for f, name in intent.get("adopted", {}).items():
+                names.setdefault(f, []).append(name)
+            fragments = sorted(int(f) for f in names)
+            if landed(self.job.uri, commit_id, intent["base_version"], names, self.storage_options):
                 log.info("commit %s had landed; completing it", commit_id)
                 # The commit comes after save_errors, so no file means no failed rows.
                 errors = self.checkpoint.load_errors(commit_id)
@@ -382,8 +377,9 @@ class WriteBack:
                 done += fragments
             else:
                 log.info("commit %s had not landed; its fragments are committed again", commit_id)
-                for names in intent["files"].values():
-                    for name in names:
+                # Adopted files stay: the parts that record them are still the record.
+                for assembled in intent["files"].values():
+                    for name in assembled:
                         delete_data_file(self.job.uri, name, self.storage_options)
             self.checkpoint.close_intent(commit_id)
         return done
