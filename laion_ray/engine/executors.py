@@ -223,7 +223,8 @@ class RayExecutor:
             except BaseException as exc:  # re-raised where the connection is needed
                 self._connect_error = exc
 
-        self._connecting = threading.Thread(target=connect, name="laion-ray-connect")
+        # A daemon: a job with nothing to do exits without waiting for it.
+        self._connecting = threading.Thread(target=connect, name="laion-ray-connect", daemon=True)
         self._connecting.start()
 
     def _connected(self) -> None:

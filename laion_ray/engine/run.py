@@ -281,7 +281,6 @@ def run_job(
             checkpoint_uri=checkpoint_uri, storage_options=storage_options, address=address,
             executor=executor,
         )  # fmt: skip
-        report.phases = clock.to_dict()
     report.phases = clock.to_dict()
     if report_path:
         fs, path = filesystem(report_path)
