@@ -9,8 +9,9 @@ each request to the upstream (moto) and, on the way, can:
   store and is executed, then the response is cut off after half its body (or
   before its headers when it has no body), as a dropped connection does;
 - refuse every request matching a method and a pattern searched in its path
-  and query, persistently, until :meth:`FaultProxy.clear` (a bucket policy
-  that denies DELETE, a full prefix, ...): 403 ``AccessDenied`` by default;
+  and query (and, optionally, in one of its headers), persistently, until
+  :meth:`FaultProxy.clear` (a bucket policy that denies DELETE, a full prefix,
+  the reads of one byte range, ...): 403 ``AccessDenied`` by default;
 - fail the next N requests matching a pattern with one transient kind (a
   throttling burst longer than a client's retries);
 - strip a request header (``If-None-Match``: a store that accepts but ignores
@@ -33,7 +34,7 @@ import re
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
@@ -51,15 +52,22 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "expe
 
 @dataclass(frozen=True)
 class Refusal:
-    """Refuse requests whose method and path match, with ``status`` and an S3 error code."""
+    """Refuse requests whose method and path (and ``header``) match, with
+    ``status`` and an S3 error code."""
 
     method: str
     pattern: re.Pattern[str]
     status: int = 403
     code: str = "AccessDenied"
+    header: tuple[str, re.Pattern[str]] | None = None  # (name, pattern in its value)
 
-    def matches(self, method: str, path: str) -> bool:
-        return (self.method in ("*", method)) and bool(self.pattern.search(path))
+    def matches(self, method: str, path: str, headers: Mapping[str, str] | None = None) -> bool:
+        if self.method not in ("*", method) or not self.pattern.search(path):
+            return False
+        if self.header is None:
+            return True
+        name, pattern = self.header
+        return bool(pattern.search((headers or {}).get(name) or ""))
 
 
 def _error_body(code: str, message: str, resource: str) -> bytes:
@@ -125,10 +133,23 @@ class FaultProxy:
         finally:
             self.rate = before
 
-    def refuse(self, method: str, pattern: str, *, status: int = 403, code: str = "AccessDenied"):
-        """Refuse every ``method`` request (``*``: any) whose path matches ``pattern``."""
+    def refuse(
+        self,
+        method: str,
+        pattern: str,
+        *,
+        status: int = 403,
+        code: str = "AccessDenied",
+        header: tuple[str, str] | None = None,
+    ):
+        """Refuse every ``method`` request (``*``: any) whose path matches ``pattern``
+        and, if given, whose ``header`` (name, pattern) matches too, such as
+        ``("Range", r"^bytes=0-")`` for the reads of a file's first bytes."""
+        matcher = None if header is None else (header[0], re.compile(header[1]))
         with self._lock:
-            self.refusals.append(Refusal(method.upper(), re.compile(pattern), status, code))
+            self.refusals.append(
+                Refusal(method.upper(), re.compile(pattern), status, code, matcher)
+            )
 
     def burst(self, method: str, pattern: str, count: int, kind: str = "SlowDown") -> None:
         """Fail the next ``count`` matching requests with transient ``kind`` (a throttling burst)."""
@@ -157,12 +178,14 @@ class FaultProxy:
             return dict(self.injected)
 
     # --- decisions ------------------------------------------------------------------
-    def decide(self, method: str, path: str, headers) -> tuple[str | None, Refusal | None]:
+    def decide(
+        self, method: str, path: str, headers: Mapping[str, str]
+    ) -> tuple[str | None, Refusal | None]:
         """The fault for one request (``path`` with its query): (transient kind, refusal)."""
         with self._lock:
             self.requests[method] += 1
             for rule in self.refusals:
-                if rule.matches(method, path):
+                if rule.matches(method, path, headers):
                     self.injected["refused"] += 1
                     return None, rule
             for name in self.stripped:
@@ -232,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         proxy = self.server.proxy
         method, body = self.command, self._body()
-        kind, refusal = proxy.decide(method, self.path, self.headers.keys())
+        kind, refusal = proxy.decide(method, self.path, self.headers)
         if refusal is not None:
             self._error(refusal.status, refusal.code, f"{self.command} refused by the fault proxy")
             return

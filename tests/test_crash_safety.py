@@ -248,6 +248,11 @@ def test_an_unreadable_errors_table_stops_the_job_instead_of_recomputing_known_b
     capsys.readouterr()
     assert main(argv) == 1  # a store failure, not "no errors table" (nor bad input)
     assert "cannot read the errors table" in capsys.readouterr().err
+    # Listing the errors says so too, rather than "no errors recorded".
+    assert main(["errors", uri, *options]) == 1
+    out, err = capsys.readouterr()
+    assert "no errors recorded" not in out, out
+    assert "laion-ray: failed: cannot read the errors table" in err and "403" in err, err
     proxy.clear()
     out = json.dumps(list_errors(uri, storage_options=s3_server.storage_options).to_pylist(),
                      default=str)  # fmt: skip

@@ -14,6 +14,7 @@ from pathlib import Path
 import lance
 import pytest
 
+from laion_ray.backfill import backfill
 from laion_ray.engine.lease import JobLease, LeaseHeld, LeaseLost, _name
 from laion_ray.errors import StorageError
 from laion_ray.sample import write_sample
@@ -450,6 +451,63 @@ def test_a_rerun_right_after_a_sigkill_does_not_wait_for_the_lease_to_expire(tmp
     assert taken.name == "000000000001.json" and after["released"]
     assert after["since"] - holder["heartbeat"] < 20.0
     _ratios_are_complete(uri)
+
+
+def _backfill_in_thread(uri: str, gate: Path) -> tuple[threading.Thread, list]:
+    """A backfill in this process (local executor), held at ``gate`` before its commit."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(backfill(uri, udfs=["helpers:held_ratio"], executor="local",
+                                    udf_params={"helpers:held_ratio": {"gate": str(gate)}}))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.slow
+def test_a_driver_whose_lease_was_taken_over_commits_nothing(tmp_path, monkeypatch):
+    """Its heartbeat thread stood still (a frozen thread, a GC pause), so only
+    the fence right before the commit can tell that another driver took over."""
+    monkeypatch.setattr(JobLease, "_heartbeat", lambda self: None)
+    uri, gate = str(tmp_path / "d.lance"), tmp_path / "gate"
+    write_sample(uri, rows=200, fragments=2, seed=25)
+    version = lance.dataset(uri).version
+    thread, outcome = _backfill_in_thread(uri, gate)
+    (lease_file,) = _wait_for(lambda: _lease_files(uri), 120, "the driver's lease")
+    holder = json.loads(lease_file.read_text())
+    taken = {**holder, "host": "other-host", "pid": 1, "run": "c" * 32, "beats": 0}
+    lease_file.with_name(_name(int(lease_file.stem) + 1)).write_text(json.dumps(taken))
+    gate.touch()
+    thread.join(120)
+    (exc,) = outcome
+    assert isinstance(exc, LeaseLost) and "took the lease over" in str(exc), exc
+    ds = lance.dataset(uri)
+    assert ds.version == version and "ar_held" not in ds.schema.names  # not even its columns
+
+
+@pytest.mark.slow
+def test_every_commit_of_a_job_carries_its_lease_token(tmp_path):
+    uri, gate = str(tmp_path / "d.lance"), tmp_path / "gate"
+    write_sample(uri, rows=200, fragments=2, seed=26)
+    version = lance.dataset(uri).version
+    gate.touch()
+    thread, outcome = _backfill_in_thread(uri, gate)
+    thread.join(120)
+    assert outcome and not isinstance(outcome[0], Exception), outcome
+    (lease_file,) = _lease_files(uri)
+    holder = json.loads(lease_file.read_text())
+    ds = lance.dataset(uri)
+    commits = [ds.read_transaction(v) for v in range(version + 1, ds.version + 1)]
+    assert {type(t.operation).__name__ for t in commits} >= {"Project", "DataReplacement"}
+    for transaction in commits:
+        properties = transaction.transaction_properties
+        assert properties["laion_ray.lease_generation"] == str(int(lease_file.stem))
+        assert properties["laion_ray.lease_run"] == holder["run"]
 
 
 def test_import_and_a_local_backfill_need_no_obstore(tmp_path):

@@ -22,6 +22,7 @@ import boto3
 import lance
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -272,6 +273,39 @@ def test_refused_checkpoint_cleanup_stops_the_job_and_the_rerun_finishes(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert _table(uri, BACKFILL_COLUMNS, s3_server).equals(clean_backfill)
     assert not _checkpoint(s3_server, uri)
+
+
+def test_a_store_failure_while_checking_where_is_not_a_bad_where(s3_server, faulty_s3):
+    """Only the ``--where`` probe's read fails, after the dataset opened fine.
+
+    Planning a filter on a dataset with an index loads the manifest's index
+    section, which a manifest larger than its first read (64 KiB; here by its
+    table metadata, in a large table by its fragments) leaves for later: the
+    probe's own GET, of the manifest's first bytes, is the one refused.
+    """
+    proxy, through_proxy = faulty_s3
+    uri = _sample(s3_server, "where-probe.lance", rows=100)
+    lance.dataset(uri, storage_options=s3_server.storage_options).create_scalar_index(
+        "width", "BTREE"
+    )
+    lance.dataset(uri, storage_options=s3_server.storage_options).update_metadata(
+        {"description": "a dataset card " * 20_000}
+    )
+    args = ["backfill", uri, "--udf", "aspect-ratio", "--where", "width > 10",
+            "--executor", "local"]  # fmt: skip
+    proxy.refuse("GET", rf"/{_prefix(uri)}_versions/", header=("Range", r"^bytes=0-"))
+    before = proxy.snapshot().get("refused", 0)
+    line = _one_failure_line(_cli(args, through_proxy))
+    assert proxy.snapshot()["refused"] > before
+    assert line.startswith("laion-ray: failed: cannot check --where") and "403" in line, line
+
+    proxy.clear()
+    rerun = _cli(args, through_proxy)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    table = _table(uri, ["width", "height", "aspect_ratio"], s3_server)
+    table = table.filter(pc.greater(table["width"], 10))
+    assert table.num_rows
+    assert table["aspect_ratio"].null_count == table["height"].to_pylist().count(0)
 
 
 def test_the_proxy_injects_what_it_is_told(faulty_s3):
