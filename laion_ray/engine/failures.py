@@ -129,15 +129,13 @@ class ErrorGate:
 
 def trusted_parts(
     parts: list[tuple[str, dict]], vouched: set[str]
-) -> tuple[list[tuple[str, dict]], list[str]]:
+) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
     """Split a fragment's parts into those a resumed run may reuse and those it
     must recompute: parts whose every row failed, in a run never vouched."""
     keep, drop = [], []
     for path, rec in parts:
-        if rec["errors"] == rec["rows"] and rec["run"] not in vouched:
-            drop.append(path)
-        else:
-            keep.append((path, rec))
+        untrusted = rec["errors"] == rec["rows"] and rec["run"] not in vouched
+        (drop if untrusted else keep).append((path, rec))
     return keep, drop
 
 
