@@ -157,7 +157,7 @@ class _StagePipeline:
         return the CPUs a read task asks for (the largest stage's)."""
         self.plan = plan_stages(self.stages, cluster_capacity(), self.overrides)
         log.info("%s", format_plan(self.plan))
-        return max(s.num_cpus for s in self.plan.stages)
+        return max(1.0, max(s.num_cpus for s in self.plan.stages))
 
     def __call__(self, data):
         from laion_ray.engine.stages import MAX_RETRIES, ActorStage, Step, task_stages

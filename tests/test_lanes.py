@@ -43,10 +43,13 @@ def test_lanes_are_balanced_by_rows():
     assert len(lanes) == 4 and max(rows) - min(rows) <= 20, rows
 
 
-def test_only_a_group_holding_its_whole_fragment_is_whole():
+def test_a_range_holding_every_unit_of_its_fragment_is_whole():
     _, lanes = _lanes(max_lanes=2, units_per_task=8)
-    whole = {g.fragment_id for lane in lanes for g in lane.groups() if g.whole}
-    assert whole == {1, 3}  # 3 and 7 units fit one group; 25 and 100 do not
+    whole = sorted(r.fragment_id for lane in lanes for r in lane.ranges if r.whole)
+    # Two lanes of ~660 rows: fragment 2 (100 units) is cut between them.
+    assert whole == [0, 1, 3]
+    _, lanes = _lanes(max_lanes=1, units_per_task=8)
+    assert sorted(r.fragment_id for r in lanes[0].ranges if r.whole) == [0, 1, 2, 3]
 
 
 def test_finished_units_and_committed_fragments_are_left_out():
@@ -57,8 +60,9 @@ def test_finished_units_and_committed_fragments_are_left_out():
     read = [u.index for lane in lanes for g in lane.groups() for u in g.units]
     expected = [i for i in range(int(plan.first_unit[3])) if not done[i]]
     assert read == expected
-    groups = {g.fragment_id: g for lane in lanes for g in lane.groups()}
-    assert not groups[0].whole  # some of its units were finished before
+    ranges = [r for lane in lanes for r in lane.ranges]
+    assert not any(r.whole for r in ranges if r.fragment_id in (0, 2))  # units finished before
+    assert [r.whole for r in ranges if r.fragment_id == 1] == [True]
 
 
 def test_each_group_gets_only_its_own_known_bad_keys():

@@ -249,6 +249,7 @@ def assemble_fragment(
 def write_fragment(outputs: pa.Table, group: Group, sink: ckpt.PartSink) -> pa.Table:
     """A whole fragment's outputs, written once: its column file, and its units'
     parts holding only their failed rows (the file holds the values).
+    ``outputs`` are its units as the task read them (whole, in order).
 
     The parts are written first and the file last, under its final name only
     once complete (a rename on local disk; an object store's upload completes at
@@ -284,7 +285,7 @@ def write_fragment(outputs: pa.Table, group: Group, sink: ckpt.PartSink) -> pa.T
             )
             for u in group.units
         }  # fmt: skip
-        records = ckpt.write_parts(outputs, sink=sink, column_files=specs)
+        records = ckpt.write_parts(outputs, sink=sink, column_files=specs, as_read=True)
     except BaseException:
         # No file without its parts: an object store would publish it at close.
         writer.close()

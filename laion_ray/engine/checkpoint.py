@@ -212,13 +212,16 @@ def write_parts(
     *,
     sink: PartSink,
     column_files: Mapping[int, ColumnFileSpec] | None = None,
+    as_read: bool = False,
 ) -> pa.Table:
     """Ray Data stage: persist a batch's rows per unit, return their records.
 
     Rows with ``_keep`` false count towards their unit but are not stored, so
     the fragment keeps its current value there. With ``column_files`` (a spec
     per unit) the values are in a column file already: each part stores only
-    its failed rows and the spec that finds the rest again.
+    its failed rows and the spec that finds the rest again. ``as_read``: the
+    batch's units are whole, as their read produced them (a lane task's own
+    read, never re-batched), so a part's digest is its unit's.
     """
     started = time.perf_counter()
     if isinstance(batch, pa.RecordBatch):
@@ -243,11 +246,13 @@ def write_parts(
     starts = np.flatnonzero(np.diff(units_of_rows, prepend=np.int64(-1)))
     for begin, end in zip(starts, [*starts[1:], len(units_of_rows)], strict=True):
         kept = keep[begin:end]
-        part = (
-            batch.slice(begin, end - begin)
-            if kept.all()
-            else batch.take(pa.array(np.flatnonzero(kept) + begin))
-        ).select(list(sink.columns))
+        if kept.all():
+            part = batch.slice(begin, end - begin)
+        elif kept.any():
+            part = batch.take(pa.array(np.flatnonzero(kept) + begin))
+        else:
+            part = batch.slice(0, 0)
+        part = part.select(list(sink.columns))
         address = int(addresses[begin])
         unit = int(units_of_rows[begin])
         if column_files is not None:
@@ -260,7 +265,9 @@ def write_parts(
             "rows": int(end - begin),
             "unit_rows": int(unit_rows[begin]),
             "errors": int(errors[begin:end].sum()),
-            "digest": digest_sum(row_digests(addresses[begin:end])),
+            "digest": int(unit_digests[begin])
+            if as_read
+            else digest_sum(row_digests(addresses[begin:end])),
             "unit_digest": int(unit_digests[begin]),
             "column_file": column_files is not None,
         }

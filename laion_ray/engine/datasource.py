@@ -1,11 +1,12 @@
-"""Ray Data source: one read task per lane of work units (see :mod:`.lanes`).
-
-Kept apart so that local runs skip importing Ray Data.
+"""Ray Data source: one read task per lane of work units (see :mod:`.lanes`),
+for jobs with actor stages; jobs of function stages run lanes as Ray tasks
+(:meth:`.executors.RayExecutor.records`). Kept apart so that local runs skip
+importing Ray Data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
 from ray.data.block import BlockMetadata
@@ -17,23 +18,15 @@ from .source import read_units
 
 
 class LaneDatasource(Datasource):
-    """One read task per lane; the task reads the lane's groups one after another.
+    """One read task per lane; the task reads the lane's groups one after another
+    and yields each group's rows for the job's Ray Data stages.
 
-    With ``fused`` (a job whose stages are functions) each group is read,
-    computed and written in the task (:func:`.executors.run_group`) and the
-    task yields the parts' records; otherwise it yields each group's rows for
-    the job's Ray Data stages. Only ids, URIs and small metadata travel to read
-    tasks; each worker opens the dataset once (``cached_dataset``).
+    Only ids, URIs and small metadata travel to read tasks; each worker opens
+    the dataset once (``cached_dataset``).
     """
 
-    def __init__(
-        self,
-        lanes: Sequence[Lane],
-        columns: Sequence[str],
-        sink: PartSink,
-        fused: Callable[[pa.Table], pa.Table] | None,
-    ):
-        self.lanes, self.columns, self.sink, self.fused = list(lanes), list(columns), sink, fused
+    def __init__(self, lanes: Sequence[Lane], columns: Sequence[str], sink: PartSink):
+        self.lanes, self.columns, self.sink = list(lanes), list(columns), sink
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -42,15 +35,10 @@ class LaneDatasource(Datasource):
         return [self._task(lane) for lane in self.lanes]
 
     def _task(self, lane: Lane) -> ReadTask:
-        columns, sink, fused = self.columns, self.sink, self.fused
+        columns, sink = self.columns, self.sink
 
         def read() -> Iterable[pa.Table]:
-            from .executors import run_group
-
             for group in lane.groups():
-                if fused is not None:
-                    yield from run_group(group, columns, sink, fused)
-                    continue
                 rows = read_units(
                     sink.uri, sink.pinned, group.units, columns, sink.where,
                     group.skip_keys, sink.storage_options,

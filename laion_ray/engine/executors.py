@@ -3,7 +3,7 @@
 Both executors take the same lanes of units (:mod:`.lanes`), read them with
 :func:`.source.read_units`, run the job's stages, write the same part files
 (:func:`.checkpoint.write_parts`) or a whole fragment's column file
-(:func:`run_group`), and give the driver the parts' records; both run the
+(:func:`run_range`), and give the driver the parts' records; both run the
 write-back's assembly tasks (:meth:`map`). What runs is the job's; only where
 it runs differs.
 """
@@ -28,7 +28,7 @@ from laion_ray.udf import TASK_CPUS
 
 from . import checkpoint as ckpt
 from .assemble import write_fragment
-from .lanes import LANES_PER_SLOT, Group, Lane
+from .lanes import LANES_PER_SLOT, Lane, UnitRange
 from .plan import KEEP, UNIT
 from .source import read_units
 from .stages import MAX_RETRIES
@@ -68,58 +68,72 @@ def choose_executor(
     return can_run_local and narrow and planned_rows <= LOCAL_MAX_ROWS and not ray_attached
 
 
-def run_group(
-    group: Group,
+def run_range(
+    lane: Lane,
+    r: UnitRange,
     columns: Sequence[str],
     sink: ckpt.PartSink,
     transform: Callable[[pa.Table], pa.Table],
 ) -> Iterator[pa.Table]:
-    """Read one group, compute it and write it: the whole of a cheap job's work.
+    """Read one range of a fragment, compute it and write it: a cheap job's work.
 
-    One scan reads the group; its units are computed one after another. A
-    group that is a whole fragment keeps their outputs and writes the
-    fragment's column file itself (:func:`.assemble.write_fragment`): values
-    written once, not as parts and again at assembly. Expensive work gets
-    parts unit by unit instead, as soon as each is done: once the group has
-    taken ``WRITE_ONCE_MAX_S`` or holds ``WRITE_ONCE_MAX_BYTES`` of outputs, a
-    crash would cost more than a second write. Rows a transform keeps out
-    (``_keep``, a merge's unmatched keys) always need parts. Yields the parts'
-    records.
+    The range is read group by group (one scan each) and computed unit by
+    unit. A whole fragment keeps its outputs and writes the fragment's column
+    file itself (:func:`.assemble.write_fragment`): values written once, not
+    as parts and again at assembly. Expensive work gets parts unit by unit
+    instead, as each is done: once the range has taken ``WRITE_ONCE_MAX_S`` or
+    holds ``WRITE_ONCE_MAX_BYTES`` of outputs, a crash would cost more than a
+    second write. Rows a transform keeps out (``_keep``, a merge's unmatched
+    keys) always need parts. Yields the parts' records.
     """
     started = time.monotonic()
-    table = read_units(
-        sink.uri, sink.pinned, group.units, columns, sink.where, group.skip_keys,
-        sink.storage_options,
-    )  # fmt: skip
-    if not table.num_rows:
-        return
-    units = table[UNIT].to_numpy()
-    starts = np.flatnonzero(np.diff(units, prepend=np.int64(-1)))
-    ends = [*starts[1:], len(units)]
-    held: list[pa.Table] | None = [] if group.whole else None  # for the column file
-    for n, (begin, end) in enumerate(zip(starts, ends, strict=True)):
-        outputs = transform(table.slice(begin, end - begin))
-        if held is not None:
-            held.append(outputs)
-            keeps_all = KEEP not in outputs.column_names or pc.all(outputs[KEEP]).as_py()
-            expensive = (
-                time.monotonic() - started > WRITE_ONCE_MAX_S
-                or sum(t.nbytes for t in held) > WRITE_ONCE_MAX_BYTES
-            )
-            if keeps_all and (n == len(starts) - 1 or not expensive):
-                continue
-            outputs, held = pa.concat_tables(held), None  # parts from here on
-        yield ckpt.write_parts(outputs, sink=sink)
+    held: list[pa.Table] | None = [] if r.whole else None  # for the column file
+    groups = list(lane.groups_of(r))
+    for last_group, group in enumerate(groups, start=1 - len(groups)):
+        table = read_units(
+            sink.uri, sink.pinned, group.units, columns, sink.where, group.skip_keys,
+            sink.storage_options,
+        )  # fmt: skip
+        if not table.num_rows:
+            continue
+        units = table[UNIT].to_numpy()
+        starts = np.flatnonzero(np.diff(units, prepend=np.int64(-1)))
+        ends = [*starts[1:], len(units)]
+        for left, (begin, end) in enumerate(zip(starts, ends, strict=True), 1 - len(starts)):
+            outputs = transform(table.slice(begin, end - begin))
+            if held is not None:
+                held.append(outputs)
+                keeps_all = KEEP not in outputs.column_names or pc.all(outputs[KEEP]).as_py()
+                expensive = (
+                    time.monotonic() - started > WRITE_ONCE_MAX_S
+                    or sum(t.nbytes for t in held) > WRITE_ONCE_MAX_BYTES
+                )
+                if keeps_all and (not expensive or last_group == left == 0):
+                    continue
+                outputs, held = pa.concat_tables(held), None  # parts from here on
+            yield ckpt.write_parts(outputs, sink=sink, as_read=True)
     if held:
-        yield write_fragment(pa.concat_tables(held), group, sink)
+        whole = r.group(r.begin, r.end, lane.unit_rows)
+        yield write_fragment(pa.concat_tables(held), whole, sink)
+
+
+def run_lane(
+    lane: Lane,
+    columns: Sequence[str],
+    sink: ckpt.PartSink,
+    transform: Callable[[pa.Table], pa.Table],
+) -> Iterator[pa.Table]:
+    """A lane's ranges one after another (a Ray task of the Ray executor)."""
+    for r in lane.ranges:
+        yield from run_range(lane, r, columns, sink, transform)
 
 
 class LocalExecutor:
     """The job's steps in this process: no Ray start, no scheduling.
 
-    Groups of units (as Ray tasks would get them) run on a few threads: Lance
-    reads, Arrow and numpy release the GIL. At most two groups per thread are
-    queued, so memory does not grow with the job.
+    The lanes' unit ranges (as the Ray executor's tasks run them) run on a few
+    threads: Lance reads, Arrow and numpy release the GIL. At most two ranges
+    per thread are queued, so memory does not grow with the job.
     """
 
     name = "local"
@@ -132,21 +146,21 @@ class LocalExecutor:
         """Nothing to start: the work runs here."""
 
     def max_lanes(self) -> int:
-        return 1  # the threads take groups in turn from one lane
+        return LANES_PER_SLOT * LOCAL_THREADS
 
-    def _run_group(self, group: Group, columns: Sequence[str], sink: ckpt.PartSink):
-        records = list(run_group(group, columns, sink, self.transform))
+    def _run_range(self, lane: Lane, r: UnitRange, columns: Sequence[str], sink: ckpt.PartSink):
+        records = list(run_range(lane, r, columns, sink, self.transform))
         return pa.concat_tables(records) if records else None
 
     def records(
         self, lanes: Sequence[Lane], columns: Sequence[str], sink: ckpt.PartSink
     ) -> Iterator[pa.Table]:
-        groups = (group for lane in lanes for group in lane.groups())
+        ranges = ((lane, r) for lane in lanes for r in lane.ranges)
         pool = ThreadPoolExecutor(LOCAL_THREADS, thread_name_prefix="laion-ray-unit")
         queued: collections.deque = collections.deque()
         try:
-            for group in groups:
-                queued.append(pool.submit(self._run_group, group, columns, sink))
+            for lane, r in ranges:
+                queued.append(pool.submit(self._run_range, lane, r, columns, sink))
                 while len(queued) >= 2 * LOCAL_THREADS or (queued and queued[0].done()):
                     if (records := queued.popleft().result()) is not None:
                         yield records
@@ -164,20 +178,23 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """One Ray Data execution per job: lanes of units -> the job's stages -> parts.
+    """One execution per job over lanes of units, on the Ray cluster.
 
     Jobs whose stages are functions (``fused``: a table-to-table function) run
-    them inside the read tasks, which then write their parts, or a whole
-    fragment's column file, and return only records: nothing but records
-    crosses Ray's object store. Jobs with actor stages (models) read in the
-    tasks and get the job's ``transform`` (Ray Data stages) and a part-writing
-    stage; one execution means one actor pool for the whole job.
+    one Ray task per lane, a streaming generator of :func:`run_lane`: read,
+    compute and write happen in the task, and only records come back. Ray
+    Data adds nothing to such a task but its start and its scheduling (about
+    0.1 s, then 50 ms per task on this machine, against 5 ms for a task), so it
+    is not used. Jobs with actor stages (models) read in Ray Data read tasks
+    (:class:`.datasource.LaneDatasource`) feeding the job's ``transform`` (Ray
+    Data stages) and a part-writing stage: one execution, so one actor pool for
+    the whole job.
 
     Args:
         transform: The job's transform of the unit stream (``Job.transform``).
         fused: The job's stages as a function of one table, or None.
         plan_tasks: For ``fused``: plans it on the connected cluster and
-            returns the CPUs a read task asks for (``Job.plan_tasks``).
+            returns the CPUs a lane task asks for (``Job.plan_tasks``).
         address: The Ray cluster (None: ``$RAY_ADDRESS`` or a local Ray).
 
     Attributes:
@@ -237,7 +254,7 @@ class RayExecutor:
         ensure_ray(self.address)  # a private local Ray, or nothing to do
 
     def max_lanes(self) -> int:
-        """Read tasks for the whole job: a few per task slot of the cluster."""
+        """Lanes for the whole job: a few per task slot of the cluster."""
         import ray
 
         self._connected()
@@ -249,38 +266,68 @@ class RayExecutor:
     def records(
         self, lanes: Sequence[Lane], columns: Sequence[str], sink: ckpt.PartSink
     ) -> Iterator[pa.Table]:
+        self._connected()
+        if not lanes:
+            return
+        if self.fused is not None:
+            yield from self._lane_tasks(lanes, columns, sink)
+        else:
+            yield from self._pipeline(lanes, columns, sink)
+
+    def _lane_tasks(
+        self, lanes: Sequence[Lane], columns: Sequence[str], sink: ckpt.PartSink
+    ) -> Iterator[pa.Table]:
+        """One streaming Ray task per lane; records as any lane yields them."""
+        import ray
+
+        task = ray.remote(
+            num_cpus=self.task_cpus, max_retries=MAX_RETRIES, num_returns="streaming"
+        )(run_lane)
+        running = [task.remote(lane, columns, sink, self.fused) for lane in lanes]
+        try:
+            while running:
+                ready, running = ray.wait(running, num_returns=1)
+                try:
+                    ref = next(ready[0])
+                except StopIteration:  # that lane is done
+                    continue
+                running.append(ready[0])
+                yield ray.get(ref)
+        finally:  # a stream stopped early (an error, the gate) stops its lanes
+            for lane_task in running:
+                ray.cancel(lane_task)
+
+    def _pipeline(
+        self, lanes: Sequence[Lane], columns: Sequence[str], sink: ckpt.PartSink
+    ) -> Iterator[pa.Table]:
+        """Ray Data: read tasks per lane -> the job's stages -> parts."""
         import ray
 
         from laion_ray.ray_env import reclaim_expired_reservations
 
         from .datasource import LaneDatasource
 
-        self._connected()
-        if not lanes:
-            return
         if self.resumed:  # an earlier driver of this job may have died holding the cluster
             reclaim_expired_reservations()
         # Ray 2.60 has no named max_retries for reads yet; ray_remote_args warns.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
         read = ray.data.read_datasource(
-            LaneDatasource(lanes, columns, sink, self.fused),
-            num_cpus=self.task_cpus,
+            LaneDatasource(lanes, columns, sink),
+            num_cpus=TASK_CPUS,
             override_num_blocks=len(lanes),  # one read task per lane: no re-splitting
             ray_remote_args={"max_retries": MAX_RETRIES},
         )
         # A stage's own error (SystemicError naming the stage), not Ray Data's
         # UserCodeException, whose pickled form loses the cause.
         read.context.raise_original_map_exception = True
-        data = read
-        if self.fused is None:
-            data = self.transform(read).map_batches(
-                ckpt.write_parts,
-                fn_kwargs={"sink": sink},
-                batch_size=None,
-                batch_format="pyarrow",
-                num_cpus=TASK_CPUS,
-                max_retries=MAX_RETRIES,
-            )
+        data = self.transform(read).map_batches(
+            ckpt.write_parts,
+            fn_kwargs={"sink": sink},
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=TASK_CPUS,
+            max_retries=MAX_RETRIES,
+        )
         yield from data.iter_batches(batch_size=None, batch_format="pyarrow")
 
     def map(self, fn: Callable, args: Sequence[tuple]) -> list[Any]:

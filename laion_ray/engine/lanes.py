@@ -8,9 +8,9 @@ by one task: the number of read tasks is bounded by the cluster's task slots,
 not by the table, and the whole job is one execution with one actor pool.
 
 A group is what one read covers: up to ``units_per_task`` adjacent units of
-one fragment. A group that covers every unit of its fragment is *whole*: its
-task can write the fragment's column file itself (see
-:func:`laion_ray.engine.assemble.write_fragment`).
+one fragment. A lane's range that covers every unit of its fragment is
+*whole*: its task computes the whole fragment and can write the fragment's
+column file itself (see :func:`laion_ray.engine.assemble.write_fragment`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,24 @@ LANES_PER_SLOT = 4
 
 
 @dataclasses.dataclass(frozen=True)
+class Group:
+    """Consecutive units of one fragment, read at once."""
+
+    units: list[WorkUnit]
+    skip_keys: np.ndarray  # keys that failed before: the read leaves them out
+    skip_offsets: np.ndarray  # their row offsets, ascending
+    physical_rows: int
+
+    @property
+    def fragment_id(self) -> int:
+        return self.units[0].fragment_id
+
+    def skipped_in(self, unit: WorkUnit) -> np.ndarray:
+        lo, hi = np.searchsorted(self.skip_offsets, [unit.start, unit.end])
+        return self.skip_keys[lo:hi]
+
+
+@dataclasses.dataclass(frozen=True)
 class UnitRange:
     """Todo units ``[begin, end)`` (positions within the fragment) of one fragment."""
 
@@ -41,58 +59,45 @@ class UnitRange:
     bad_offsets: np.ndarray
     bad_keys: np.ndarray
 
+    @property
+    def whole(self) -> bool:
+        """Every unit of the fragment: one task computes it all and can write
+        its column file itself."""
+        return self.begin == 0 and self.end == self.units_in_fragment
+
     def rows(self, unit_rows: int) -> int:
         return min(self.end * unit_rows, self.physical_rows) - self.begin * unit_rows
 
-
-@dataclasses.dataclass(frozen=True)
-class Group:
-    """Consecutive units of one fragment, read at once."""
-
-    units: list[WorkUnit]
-    skip_keys: np.ndarray  # keys that failed before: the read leaves them out
-    skip_offsets: np.ndarray  # their row offsets, ascending
-    physical_rows: int
-    whole: bool  # every unit of the fragment, none finished before
-
-    @property
-    def fragment_id(self) -> int:
-        return self.units[0].fragment_id
-
-    def skipped_in(self, unit: WorkUnit) -> np.ndarray:
-        lo, hi = np.searchsorted(self.skip_offsets, [unit.start, unit.end])
-        return self.skip_keys[lo:hi]
+    def group(self, begin: int, end: int, unit_rows: int) -> Group:
+        """Units ``[begin, end)`` of this range, with their known-bad keys."""
+        units = [
+            WorkUnit(
+                self.first_unit + k,
+                self.fragment_id,
+                k * unit_rows,
+                min((k + 1) * unit_rows, self.physical_rows),
+            )
+            for k in range(begin, end)
+        ]
+        lo, hi = np.searchsorted(self.bad_offsets, [units[0].start, units[-1].end])
+        return Group(units, self.bad_keys[lo:hi], self.bad_offsets[lo:hi], self.physical_rows)
 
 
 @dataclasses.dataclass(frozen=True)
 class Lane:
-    """What one read task covers: unit ranges, read group by group."""
+    """What one task covers: unit ranges, each read group by group."""
 
     ranges: tuple[UnitRange, ...]
     unit_rows: int
     units_per_task: int
 
+    def groups_of(self, r: UnitRange) -> Iterator[Group]:
+        for begin in range(r.begin, r.end, self.units_per_task):
+            yield r.group(begin, min(begin + self.units_per_task, r.end), self.unit_rows)
+
     def groups(self) -> Iterator[Group]:
         for r in self.ranges:
-            for begin in range(r.begin, r.end, self.units_per_task):
-                end = min(begin + self.units_per_task, r.end)
-                units = [
-                    WorkUnit(
-                        r.first_unit + k,
-                        r.fragment_id,
-                        k * self.unit_rows,
-                        min((k + 1) * self.unit_rows, r.physical_rows),
-                    )
-                    for k in range(begin, end)
-                ]
-                lo, hi = np.searchsorted(r.bad_offsets, [units[0].start, units[-1].end])
-                yield Group(
-                    units,
-                    r.bad_keys[lo:hi],
-                    r.bad_offsets[lo:hi],
-                    r.physical_rows,
-                    whole=begin == 0 and end == r.units_in_fragment,
-                )
+            yield from self.groups_of(r)
 
 
 def todo_ranges(plan: UnitPlan, done: np.ndarray, skip: set[int]) -> Iterator[tuple[int, int, int]]:
@@ -123,8 +128,8 @@ def build_lanes(
 ) -> list[Lane]:
     """Cut the todo units into at most ``max_lanes`` lanes of about equal rows.
 
-    Lanes are cut between groups only, so a whole fragment's group is never
-    split; each lane holds its ranges' known-bad keys (O(errors)), nothing per unit.
+    Lanes are cut between groups only, and the last lane takes whatever is
+    left; each lane holds its ranges' known-bad keys (O(errors)), nothing per unit.
     """
     unit_rows = plan.unit_rows
     runs = list(todo_ranges(plan, done, skip))
@@ -149,7 +154,8 @@ def build_lanes(
             # Whole groups up to what the lane still takes (at least one group).
             rows_per_group = _rows(plan, i, begin, min(begin + units_per_task, end))
             room = max(1, int(np.ceil((per_lane - filled) / max(rows_per_group, 1))))
-            stop = min(end, begin + room * units_per_task)
+            last_lane = len(lanes) == lanes_wanted - 1
+            stop = end if last_lane else min(end, begin + room * units_per_task)
             current.append(_range(plan, i, begin, stop, known_bad))
             filled += _rows(plan, i, begin, stop)
             begin = stop
