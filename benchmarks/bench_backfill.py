@@ -460,10 +460,10 @@ def main(argv: list[str] | None = None) -> dict:
         kill_tpl = make_table(t("kill.lance"), kill_rows, args.fragments, seed=3)
         res["ray_startup_s"] = ray_startup_s()
         from laion_ray.engine.run import LOCAL_THREADS
-        from laion_ray.udf import TASK_CPUS
 
         units = -(-kill_rows // args.kill_unit_rows)
-        ray_tasks = int(ray.cluster_resources()["CPU"] / TASK_CPUS)
+        # A function UDF's lane tasks ask 1 CPU each (engine/executors.py).
+        ray_tasks = int(ray.cluster_resources()["CPU"])
         modes = {  # name: (label, executor, Ray address, units running at once)
             "auto": ("--executor auto (local here)", "auto", None, LOCAL_THREADS),
             "cluster": ("--executor ray, Ray cluster running", "ray", running, ray_tasks),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -35,10 +36,20 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    if "ray.data" in sys.modules:
+        ray_data()
+
+
+def ray_data():
+    """Ray Data, imported where a job uses it (the import takes half a second,
+    which jobs of function stages never pay), and set quiet: laion-ray's own
+    progress replaces its bars and execution banners."""
+    import ray.data
+
     ctx = ray.data.DataContext.get_current()
-    # Our own progress reporting replaces Ray Data's bars.
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    return ray.data
 
 
 def reclaim_expired_reservations() -> None:

@@ -233,10 +233,11 @@ class RayExecutor:
 
         def connect() -> None:
             try:
-                from laion_ray.ray_env import ensure_ray
+                from laion_ray.ray_env import ensure_ray, ray_data
 
                 ensure_ray(self.address)
-                import ray.data  # noqa: F401  (its import is a good part of the wait)
+                if self.fused is None:  # Ray Data runs the job: its import is part of the wait
+                    ray_data()
             except BaseException as exc:  # re-raised where the connection is needed
                 self._connect_error = exc
 
@@ -301,9 +302,7 @@ class RayExecutor:
         self, lanes: Sequence[Lane], columns: Sequence[str], sink: ckpt.PartSink
     ) -> Iterator[pa.Table]:
         """Ray Data: read tasks per lane -> the job's stages -> parts."""
-        import ray
-
-        from laion_ray.ray_env import reclaim_expired_reservations
+        from laion_ray.ray_env import ray_data, reclaim_expired_reservations
 
         from .datasource import LaneDatasource
 
@@ -311,7 +310,7 @@ class RayExecutor:
             reclaim_expired_reservations()
         # Ray 2.60 has no named max_retries for reads yet; ray_remote_args warns.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
-        read = ray.data.read_datasource(
+        read = ray_data().read_datasource(
             LaneDatasource(lanes, columns, sink),
             num_cpus=TASK_CPUS,
             override_num_blocks=len(lanes),  # one read task per lane: no re-splitting

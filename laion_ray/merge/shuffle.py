@@ -90,9 +90,8 @@ def validate_shuffle(
     Buckets: ``partitions``, else two per worker (``workers``, or the cluster's
     CPUs including autoscalable nodes) or one per 128 MiB, whichever is more.
     """
-    import ray
-
     from laion_ray.cluster import cluster_capacity
+    from laion_ray.ray_env import ray_data
 
     cpus = cluster_capacity().worker_count(workers)
     buckets = partitions or max(
@@ -107,7 +106,7 @@ def validate_shuffle(
             lambda b: conform(b, **conform_args).select(cols), batch_format="pyarrow"
         )
 
-    ours = ray.data.read_lance(
+    ours = ray_data().read_lance(
         ds.uri,
         columns=[on],
         version=version,

@@ -97,10 +97,10 @@ class SourceTable:
 
     def ray_dataset(self, columns: Sequence[str]):
         """The source as a Ray Dataset, read in parallel (files or fragments)."""
-        import ray
+        from laion_ray.ray_env import ray_data
 
         if self.format == "lance":
-            return ray.data.read_lance(
+            return ray_data().read_lance(
                 self.paths[0],
                 columns=list(columns),
                 version=self.lance_version,
@@ -109,18 +109,18 @@ class SourceTable:
         fs = self._fs()
         paths = [filesystem(p, self.storage_options)[1] for p in self.paths]
         if self.format == "parquet":
-            return ray.data.read_parquet(paths, filesystem=fs, columns=list(columns))
+            return ray_data().read_parquet(paths, filesystem=fs, columns=list(columns))
         if self.format == "csv":
             import pyarrow.csv as pacsv
 
-            return ray.data.read_csv(
+            return ray_data().read_csv(
                 paths,
                 filesystem=fs,
                 convert_options=pacsv.ConvertOptions(
                     include_columns=list(columns), column_types=self.schema
                 ),
             )
-        return ray.data.read_json(paths, filesystem=fs, lines=True).select_columns(list(columns))
+        return ray_data().read_json(paths, filesystem=fs, lines=True).select_columns(list(columns))
 
 
 def _format_of(path: str, fmt: str | None) -> str:
