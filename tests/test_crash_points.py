@@ -10,7 +10,7 @@ run without the kill gives on an identical copy:
 - errors.lance holding the same rows, once each;
 - one job in the history (one plan), no fragment committed twice;
 - no ``AccountingError`` (the rerun exits 0);
-- no checkpoint left.
+- no checkpoint left, and no column file written once that no version uses.
 
 The UDF fails 1% of rows. Local-executor jobs cover a ``--where`` run, an
 incremental run after an append and an ``--overwrite``; the Ray executor, the
@@ -87,7 +87,11 @@ def _jobs_after(uri: str, version: int) -> list[dict]:
     return [e for e in job_history(uri) if e["version"] > version]
 
 
-def _assert_same_result(uri: str, clean: str, setup_version: int) -> None:
+def _assert_same_result(
+    uri: str, clean: str, setup_version: int, *, written_once: bool = True
+) -> None:
+    """``written_once``: the job's tasks wrote whole fragments' column files
+    (backfills of function UDFs); a merge with unmatched keys and dedup do not."""
     got, want = (lance.dataset(u).to_table().sort_by("key") for u in (uri, clean))
     assert got.schema.equals(want.schema, check_metadata=True)
     for name in want.column_names:
@@ -102,6 +106,21 @@ def _assert_same_result(uri: str, clean: str, setup_version: int) -> None:
     assert lance.dataset(uri).tags.list()["swept"]["version"] == lance.dataset(uri).version
     jobs = Path(uri) / "_laion_ray" / "jobs"
     assert not jobs.exists() or not any(jobs.iterdir()), "the checkpoint was left behind"
+    _assert_no_unused_column_files(uri, written_once)
+
+
+def _assert_no_unused_column_files(uri: str, expected: bool) -> None:
+    """Column files tasks wrote once (``data/lr-*``) are all in some version."""
+    ds = lance.dataset(uri)
+    used = {
+        f.path
+        for v in ds.versions()
+        for frag in ds.checkout_version(v["version"]).get_fragments()
+        for f in frag.metadata.files
+    }
+    written = {p.name for p in (Path(uri) / "data").glob("lr-*.lance")}
+    assert bool(written) == expected, f"column files written once: {sorted(written)}"
+    assert written <= used, f"column files no version uses: {sorted(written - used)}"
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +222,7 @@ def test_broadcast_merge_kill_then_rerun(point, base, labels, merge_clean, tmp_p
     shutil.copytree(base, uri)
     _killed_at(point, _merge_argv(uri, labels))
     assert main(_merge_argv(uri, labels)) == 0
-    _assert_same_result(uri, clean, version)
+    _assert_same_result(uri, clean, version, written_once=False)
 
 
 def _dedup_argv(uri: str) -> list[str]:
@@ -234,7 +253,7 @@ def test_dedup_write_back_kill_then_rerun(point, dedup_base, dedup_clean, ray_se
     address = ray_session.get_runtime_context().gcs_address
     _killed_at(point, _dedup_argv(uri), 1, RAY_ADDRESS=address)
     assert main(_dedup_argv(uri)) == 0
-    _assert_same_result(uri, clean, version)
+    _assert_same_result(uri, clean, version, written_once=False)
 
 
 def test_every_point_is_passed_by_the_engine_and_listed_once():
