@@ -182,6 +182,53 @@ class PinnedVersion:
         return cls(ds.version, ds.get_version()["timestamp"].isoformat())
 
 
+class ScanGate:
+    """Lance scans of this process that may run together, and the ones that
+    must run alone.
+
+    pylance 14.0.2 deadlocks, now and then, when the driver counts a
+    fragment's rows while reader threads scan: the count in the main thread,
+    two ``to_table`` calls in the readers and Lance's runtime threads all
+    waiting, for ever (3 runs in about 200 of a 400-row ``--where`` job on a
+    loaded 2-core machine; the count had its own dataset object). Readers take
+    the gate together (``shared``); the driver's counts take it ``alone``,
+    which waits for the scans in flight and holds new ones back. It costs the
+    readers nothing but the counts' own time, once per commit.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._scans = 0
+        self._alone = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone)
+            self._scans += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._scans -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone)
+            self._alone = True  # new scans wait from here on
+            self._cond.wait_for(lambda: self._scans == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
+
+
+LANCE_SCANS = ScanGate()
+
 _datasets: collections.OrderedDict[tuple, lance.LanceDataset] = collections.OrderedDict()
 _datasets_lock = threading.Lock()
 

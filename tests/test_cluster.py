@@ -337,7 +337,7 @@ def test_job_submit_runs_on_worker(cluster, tmp_path):
         t
         for t in tasks
         if t.state == "FINISHED"
-        and any(s in t.name for s in ("MapBatches", "ReadLane", "assemble_fragment"))
+        and any(s in t.name for s in ("run_lane", "MapBatches", "ReadLane", "assemble_fragment"))
     ]
     assert work, sorted({t.name for t in tasks})
     assert {t.node_id for t in work} == {cluster.worker_id}, [(t.name, t.node_id) for t in work]

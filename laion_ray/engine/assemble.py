@@ -25,6 +25,7 @@ from lance.file import LanceFileReader, LanceFileWriter
 from laion_ray.errors import JobFailed, brief
 from laion_ray.filters import sql_and
 from laion_ray.storage import (
+    LANCE_SCANS,
     PinnedVersion,
     cached_dataset,
     filesystem,
@@ -88,15 +89,13 @@ def read_part_rows(path: str, opts: Mapping[str, str]) -> pa.Table:
     ds = cached_dataset(spec.uri, pinned=spec.pinned, storage_options=opts)
     base = fragment_id << 32
     key = [KEY] if KEY in stored.column_names else []
-    rows = (
-        ds.get_fragment(fragment_id)
-        .scanner(
-            columns=key,
-            filter=sql_and(spec.where, row_range(base + spec.start, base + spec.end)),
-            with_row_address=True,
-        )
-        .to_table()
+    scanner = ds.get_fragment(fragment_id).scanner(
+        columns=key,
+        filter=sql_and(spec.where, row_range(base + spec.start, base + spec.end)),
+        with_row_address=True,
     )
+    with LANCE_SCANS.shared():
+        rows = scanner.to_table()
     if len(spec.skipped) and key:
         rows = rows.filter(pc.invert(pc.is_in(rows[KEY], pa.array(spec.skipped, pa.int64()))))
     addresses = rows[ROWADDR].to_numpy()
@@ -134,15 +133,13 @@ def _current_values(ds, unit: WorkUnit, schema: pa.Schema, existing: Sequence[st
     columns = {f.name: pa.nulls(rows, f.type) for f in schema}
     if existing:
         base = unit.fragment_id << 32
-        stored = (
-            ds.get_fragment(unit.fragment_id)
-            .scanner(
-                columns=existing,
-                with_row_address=True,
-                filter=row_range(base + unit.start, base + unit.end),
-            )
-            .to_table()
+        scanner = ds.get_fragment(unit.fragment_id).scanner(
+            columns=existing,
+            with_row_address=True,
+            filter=row_range(base + unit.start, base + unit.end),
         )
+        with LANCE_SCANS.shared():
+            stored = scanner.to_table()
         offsets = stored[ROWADDR].to_numpy().astype(np.int64) - base - unit.start
         for name in existing:
             columns[name] = _scatter(columns[name], offsets, stored[name])

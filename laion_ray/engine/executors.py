@@ -89,7 +89,7 @@ def run_range(
     started = time.monotonic()
     held: list[pa.Table] | None = [] if r.whole else None  # for the column file
     groups = list(lane.groups_of(r))
-    for last_group, group in enumerate(groups, start=1 - len(groups)):
+    for g, group in enumerate(groups):
         table = read_units(
             sink.uri, sink.pinned, group.units, columns, sink.where, group.skip_keys,
             sink.storage_options,
@@ -98,8 +98,8 @@ def run_range(
             continue
         units = table[UNIT].to_numpy()
         starts = np.flatnonzero(np.diff(units, prepend=np.int64(-1)))
-        ends = [*starts[1:], len(units)]
-        for left, (begin, end) in enumerate(zip(starts, ends, strict=True), 1 - len(starts)):
+        spans = list(zip(starts, [*starts[1:], len(units)], strict=True))
+        for u, (begin, end) in enumerate(spans):
             outputs = transform(table.slice(begin, end - begin))
             if held is not None:
                 held.append(outputs)
@@ -108,7 +108,8 @@ def run_range(
                     time.monotonic() - started > WRITE_ONCE_MAX_S
                     or sum(t.nbytes for t in held) > WRITE_ONCE_MAX_BYTES
                 )
-                if keeps_all and (not expensive or last_group == left == 0):
+                last = g == len(groups) - 1 and u == len(spans) - 1
+                if keeps_all and (last or not expensive):
                     continue
                 outputs, held = pa.concat_tables(held), None  # parts from here on
             yield ckpt.write_parts(outputs, sink=sink, as_read=True)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from laion_ray.filters import sql_and
-from laion_ray.storage import PinnedVersion, cached_dataset
+from laion_ray.storage import LANCE_SCANS, PinnedVersion, cached_dataset
 
 from .plan import (
     READ_S,
@@ -57,9 +57,11 @@ def read_units(
     fragment = ds.get_fragment(fragment_id)
     whole = units[0].start == 0 and units[-1].end == fragment.metadata.physical_rows
     rows = None if whole else row_range(base + units[0].start, base + units[-1].end)
-    table = fragment.scanner(
+    scanner = fragment.scanner(
         columns=list(columns), filter=sql_and(where, rows), with_row_address=True
-    ).to_table()
+    )
+    with LANCE_SCANS.shared():  # see storage.ScanGate
+        table = scanner.to_table()
     if len(skip_keys) and "key" in table.column_names:
         table = table.filter(pc.invert(pc.is_in(table["key"], pa.array(skip_keys, pa.int64()))))
     addresses = table[ROWADDR].to_numpy()

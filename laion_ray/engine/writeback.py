@@ -54,7 +54,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from laion_ray.errors import JobFailed
-from laion_ray.storage import PinnedVersion, open_dataset
+from laion_ray.storage import LANCE_SCANS, PinnedVersion, open_dataset
 
 from . import checkpoint as ckpt
 from .assemble import AssembledFragment, MissingPart, assemble_fragment
@@ -200,11 +200,13 @@ class WriteBack:
             fragment = ds.get_fragment(f)
             bad = known_bad.get(f)
             skip = bad.keys if bad is not None and KEY in self.job.read_columns else ()
-            if len(skip):
-                keys = fragment.to_table(columns=[KEY], filter=where)[KEY]
-                selected = len(keys) - pc.sum(pc.is_in(keys, pa.array(skip, keys.type))).as_py()
-            else:
-                selected = fragment.count_rows(where)
+            with LANCE_SCANS.alone():  # see storage.ScanGate
+                if len(skip):
+                    keys = fragment.to_table(columns=[KEY], filter=where)[KEY]
+                    hit = pc.sum(pc.is_in(keys, pa.array(skip, keys.type))).as_py()
+                    selected = len(keys) - hit
+                else:
+                    selected = fragment.count_rows(where)
             if written != selected:
                 raise AccountingError(
                     f"fragment {f}: {written} rows were computed, but the job selects "
