@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from laion_ray import cli
+from laion_ray.ray_env import release_ray
 
 
 def run_command(command: str, argv: Sequence[str] | None, *fixed: str) -> int:
     """Run ``laion-ray COMMAND *argv *fixed`` with its configuration logged."""
     args = list(sys.argv[1:] if argv is None else argv)
     return cli.run([command, *args, *fixed], log_config=True)
+
+
+def finish(code: int) -> NoReturn:
+    """Exit the job's driver with ``code``, Ray let go first (Ray's own exit
+    hook waits for driver logs; see :func:`laion_ray.ray_env.release_ray`)."""
+    release_ray()
+    sys.exit(code)
 
 
 def udf_params(udf: str, values: dict[str, object]) -> list[str]:

@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import _common
@@ -22,4 +21,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.finish(main())

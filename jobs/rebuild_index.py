@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import _common
@@ -25,4 +24,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.finish(main())

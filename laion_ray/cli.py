@@ -782,6 +782,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(argv)
 
 
+def command() -> int:
+    """The ``laion-ray`` program: :func:`main`, then Ray let go at once, as the
+    process exits (see :func:`laion_ray.ray_env.release_ray`)."""
+    from laion_ray.ray_env import release_ray
+
+    code = main()
+    release_ray()
+    return code
+
+
 def run(argv: Sequence[str] | None, *, log_config: bool = False) -> int:
     """Parse and run one subcommand; ``log_config`` logs the parsed flags with
     secrets masked (``ray job submit`` entry points do, for their job logs).
@@ -879,4 +889,4 @@ def _find_user_error(exc: BaseException | None) -> LaionRayError | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

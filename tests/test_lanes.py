@@ -7,7 +7,7 @@ import pytest
 
 from laion_ray.engine.error_log import KnownBad
 from laion_ray.engine.lanes import build_lanes
-from laion_ray.engine.plan import FragmentState, UnitPlan
+from laion_ray.engine.plan import FragmentState, UnitPlan, runs
 
 # Fragments of 25, 3, 100 and 7 units (unit_rows 10), the last unit of each partial.
 STATES = [FragmentState(i, rows, ()) for i, rows in enumerate([245, 30, 1000, 61])]
@@ -82,3 +82,17 @@ def test_each_group_gets_only_its_own_known_bad_keys():
                     if unit.start <= o < unit.end
                 ]
                 assert g.skipped_in(unit).tolist() == (inside if g.fragment_id == 2 else [])
+
+
+@pytest.mark.parametrize(
+    "values,expected",
+    [
+        ([], []),
+        ([7], [(0, 1)]),
+        ([3, 3, 3], [(0, 3)]),
+        ([1, 1, 2, 5, 5, 5, 1], [(0, 2), (2, 3), (3, 6), (6, 7)]),
+    ],
+)
+def test_runs_are_the_spans_of_equal_neighbours(values, expected):
+    """A block's units are split into parts by ``runs``: each run one part."""
+    assert runs(np.array(values, np.int32)) == expected

@@ -9,6 +9,9 @@ values as a single-process reference, on both executors.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lance
@@ -200,6 +203,21 @@ def test_cli_rerun_of_a_finished_job_says_there_is_nothing_to_do(tmp_path, capsy
         "nothing to do: `aspect_ratio`, `is_high_res` filled for all 120 selected rows "
         f"(version {lance.dataset(uri).version})"
     )
+
+
+def test_the_program_attached_to_a_running_ray_exits_cleanly(ray_session, tmp_path):
+    """``laion-ray`` on a running Ray (``RAY_ADDRESS``, as under ``ray job submit``)
+    disconnects itself before exiting; its rerun finds nothing to do while the
+    background attach may still be importing Ray, and exits as cleanly."""
+    uri = str(tmp_path / "d.lance")
+    write_sample(uri, rows=120, fragments=2, seed=8)
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "laion_ray.cli", "backfill", uri, "--udf", "aspect-ratio"]
+    for says in ("backfill:aspect-ratio: 120 rows processed", "nothing to do:"):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stdout.startswith(says), proc.stdout
+    assert lance.dataset(uri).to_table(columns=["aspect_ratio"])["aspect_ratio"].null_count == 0
 
 
 def test_slow_whole_fragments_get_parts_unit_by_unit(tmp_path, monkeypatch):

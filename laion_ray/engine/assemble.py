@@ -14,6 +14,7 @@ Memory is bounded by one unit, whatever the fragment size.
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 
@@ -39,7 +40,7 @@ from .checkpoint import read_part
 from .commit import ColumnFile, check_unchanged, column_files, delete_data_file, field_ids
 from .error_log import ERROR_SCHEMA, part_errors
 from .lanes import Group
-from .plan import KEY, ROWADDR, UNIT, WorkUnit, digest_sum, row_digests, row_range
+from .plan import KEY, ROWADDR, UNIT, WorkUnit, digest_sum, row_digests, row_range, runs
 
 
 class MissingPart(JobFailed):
@@ -147,7 +148,7 @@ def _current_values(ds, unit: WorkUnit, schema: pa.Schema, existing: Sequence[st
 
 
 def _scatter(target: pa.Array | pa.ChunkedArray, offsets: np.ndarray, values) -> pa.Array:
-    if len(values) == len(target):  # every row computed: nothing of target survives
+    if len(values) == len(target):  # every row has a value: nothing of target survives
         return pa.chunked_array(values).combine_chunks()
     position = np.arange(len(target), dtype=np.int64) + len(values)
     position[offsets] = np.arange(len(values))
@@ -179,16 +180,20 @@ def build_column_file(
     based_on = column_files(fragment, field_ids(ds, schema.names))
     errors: list[pa.Table] = [ERROR_SCHEMA.empty_table()]
     for unit, computed in sorted(units, key=lambda u: u[0].start):
-        current = _current_values(ds, unit, schema, existing)
         part = computed()
-        if part is not None and part.num_rows:
+        if part is not None and part.num_rows == unit.end - unit.start:
+            # Every physical row computed: no stored value survives (the usual case).
+            current = pa.table({f.name: part[f.name] for f in schema}, schema=schema)
+        else:
+            current = _current_values(ds, unit, schema, existing)
+        if part is not None and 0 < part.num_rows < unit.end - unit.start:
             offsets = part[ROWADDR].to_numpy().astype(np.int64) - (fragment_id << 32) - unit.start
             current = pa.table(
                 {f.name: _scatter(current[f.name], offsets, part[f.name]) for f in schema},
                 schema=schema,
             )
-            if (failed := part_errors(part)).num_rows:
-                errors.append(failed)
+        if part is not None and (failed := part_errors(part)).num_rows:
+            errors.append(failed)
         writer.write_batch(current)
     # One chunk: a chunk per unit (thousands in a fragment of tiny units) would
     # travel to the driver, and stay there until the commit, as as many buffers.
@@ -254,6 +259,7 @@ def write_fragment(outputs: pa.Table, group: Group, sink: ckpt.PartSink) -> pa.T
     deletes it, see ``run.py``), and a file is never left without its parts.
     Returns the parts' records, as :func:`.checkpoint.write_parts` does.
     """
+    started = time.perf_counter()
     fragment_id = group.fragment_id
     opts = resolve_storage_options(sink.storage_options)
     ds = cached_dataset(sink.uri, pinned=sink.pinned, storage_options=opts)
@@ -263,9 +269,7 @@ def write_fragment(outputs: pa.Table, group: Group, sink: ckpt.PartSink) -> pa.T
     target = f"{final}.{uuid.uuid4().hex}.tmp" if local else final
     writer = LanceFileWriter(target, sink.outputs, storage_options=opts)
     units = outputs[UNIT].to_numpy()
-    starts = np.flatnonzero(np.diff(units, prepend=np.int64(-1)))
-    ends = [*starts[1:], len(units)]
-    rows_of = {int(units[b]): (int(b), int(e)) for b, e in zip(starts, ends, strict=True)}
+    rows_of = {int(units[b]): (b, e) for b, e in runs(units)}
 
     def computed(unit: WorkUnit) -> Callable[[], pa.Table | None]:
         span = rows_of.get(unit.index)
@@ -292,4 +296,4 @@ def write_fragment(outputs: pa.Table, group: Group, sink: ckpt.PartSink) -> pa.T
     if local:
         fs, path = filesystem(final, opts)
         fs.move(filesystem(target, opts)[1], path)
-    return records
+    return ckpt.with_write_seconds(records, time.perf_counter() - started)

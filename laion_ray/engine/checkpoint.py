@@ -77,6 +77,7 @@ from .plan import (
     UnitPlan,
     digest_sum,
     row_digests,
+    runs,
 )
 
 # Part of every job fingerprint: checkpoints written in another format are not reused.
@@ -231,9 +232,8 @@ def write_parts(
     opts = resolve_storage_options(sink.storage_options)
     records = []
     units_of_rows = batch[UNIT].to_numpy()
-    addresses = batch[ROWADDR].to_numpy()
-    unit_rows = batch[UNIT_ROWS].to_numpy()
-    unit_digests = batch[UNIT_DIGEST].to_numpy()
+    # A unit's figures repeat on each of its rows: read the first only, uncopied.
+    addresses, unit_rows, unit_digests = batch[ROWADDR], batch[UNIT_ROWS], batch[UNIT_DIGEST]
     errors = _error_counts(batch)
     keep = (
         batch[KEEP].to_numpy(zero_copy_only=False).astype(bool)
@@ -243,8 +243,7 @@ def write_parts(
     if column_files is not None:
         keep = errors.astype(bool)  # the file holds the others' values
     # Rows of one unit arrive as one contiguous run; each run becomes one part.
-    starts = np.flatnonzero(np.diff(units_of_rows, prepend=np.int64(-1)))
-    for begin, end in zip(starts, [*starts[1:], len(units_of_rows)], strict=True):
+    for begin, end in runs(units_of_rows):
         kept = keep[begin:end]
         if kept.all():
             part = batch.slice(begin, end - begin)
@@ -253,7 +252,7 @@ def write_parts(
         else:
             part = batch.slice(0, 0)
         part = part.select(list(sink.columns))
-        address = int(addresses[begin])
+        address = addresses[begin].as_py()
         unit = int(units_of_rows[begin])
         if column_files is not None:
             spec = column_files[unit].to_json()
@@ -263,12 +262,12 @@ def write_parts(
             "run": sink.run_id,
             "first": address & 0xFFFFFFFF,
             "rows": int(end - begin),
-            "unit_rows": int(unit_rows[begin]),
+            "unit_rows": unit_rows[begin].as_py(),
             "errors": int(errors[begin:end].sum()),
-            "digest": int(unit_digests[begin])
+            "digest": unit_digests[begin].as_py()
             if as_read
-            else digest_sum(row_digests(addresses[begin:end])),
-            "unit_digest": int(unit_digests[begin]),
+            else digest_sum(row_digests(addresses.slice(begin, end - begin).to_numpy())),
+            "unit_digest": unit_digests[begin].as_py(),
             "column_file": column_files is not None,
         }
         _write_part(join_uri(sink.job_uri, "parts", str(address >> 32), part_name(rec)), part, opts)
@@ -280,6 +279,17 @@ def write_parts(
         node=_ray_node(),
     )
     return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+
+
+def with_write_seconds(records: pa.Table, seconds: float) -> pa.Table:
+    """``records`` whose block took ``seconds`` to write (a column file and its parts)."""
+    values = records["write_s"].to_pylist()
+    values[0] = seconds
+    return records.set_column(
+        records.schema.get_field_index("write_s"),
+        RECORD_SCHEMA.field("write_s"),
+        pa.array(values, pa.float32()),
+    )
 
 
 def _ray_node() -> str | None:
@@ -332,7 +342,7 @@ def read_part(path: str, opts: Mapping[str, str]) -> pa.Table:
 def _error_counts(batch: pa.Table) -> np.ndarray:
     failed = np.zeros(batch.num_rows, dtype=bool)
     for name in batch.column_names:
-        if name.startswith(ERROR_PREFIX):
+        if name.startswith(ERROR_PREFIX) and batch[name].null_count < batch.num_rows:
             failed |= pc.is_valid(batch[name]).to_numpy(zero_copy_only=False)
     return failed.astype(np.int64)
 

@@ -41,7 +41,7 @@ from laion_ray.filters import (
 from laion_ray.storage import filesystem, is_local, join_uri, resolve_storage_options
 
 from .checkpoint import JobCheckpoint, read_part
-from .plan import ERROR_PREFIX, ROWADDR
+from .plan import ERROR_PREFIX, ROWADDR, runs
 
 # What a failed row records; the log adds who recorded it, where and when.
 ERROR_SCHEMA = pa.schema(
@@ -464,8 +464,7 @@ def failed_keys_by_fragment(
     fragments = table["fragment_id"].to_numpy()
     offsets = table["row_offset"].to_numpy()
     keys = table["key"].to_numpy()
-    bounds = np.flatnonzero(np.diff(fragments, prepend=np.int64(-1)))
     known = {}
-    for begin, end in zip(bounds, [*bounds[1:], len(fragments)], strict=True):
+    for begin, end in runs(fragments):
         known[int(fragments[begin])] = KnownBad(offsets[begin:end], keys[begin:end])
     return known

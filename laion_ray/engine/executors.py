@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -29,7 +28,7 @@ from laion_ray.udf import TASK_CPUS
 from . import checkpoint as ckpt
 from .assemble import write_fragment
 from .lanes import LANES_PER_SLOT, Lane, UnitRange
-from .plan import KEEP, UNIT
+from .plan import KEEP, UNIT, runs
 from .source import read_units
 from .stages import MAX_RETRIES
 
@@ -88,6 +87,7 @@ def run_range(
     """
     started = time.monotonic()
     held: list[pa.Table] | None = [] if r.whole else None  # for the column file
+    held_bytes = 0
     groups = list(lane.groups_of(r))
     for g, group in enumerate(groups):
         table = read_units(
@@ -96,17 +96,16 @@ def run_range(
         )  # fmt: skip
         if not table.num_rows:
             continue
-        units = table[UNIT].to_numpy()
-        starts = np.flatnonzero(np.diff(units, prepend=np.int64(-1)))
-        spans = list(zip(starts, [*starts[1:], len(units)], strict=True))
+        spans = runs(table[UNIT].to_numpy())
         for u, (begin, end) in enumerate(spans):
             outputs = transform(table.slice(begin, end - begin))
             if held is not None:
                 held.append(outputs)
+                held_bytes += outputs.nbytes
                 keeps_all = KEEP not in outputs.column_names or pc.all(outputs[KEEP]).as_py()
                 expensive = (
                     time.monotonic() - started > WRITE_ONCE_MAX_S
-                    or sum(t.nbytes for t in held) > WRITE_ONCE_MAX_BYTES
+                    or held_bytes > WRITE_ONCE_MAX_BYTES
                 )
                 last = g == len(groups) - 1 and u == len(spans) - 1
                 if keeps_all and (last or not expensive):

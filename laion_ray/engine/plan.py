@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator, Sequence
 
@@ -66,6 +67,18 @@ def row_digests(addresses: np.ndarray) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
+
+
+def runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """``[begin, end)`` of each run of equal consecutive ``values``.
+
+    One comparison pass: ``np.diff`` with a prepended sentinel copies and
+    widens the array, 20x slower on a block's unit column.
+    """
+    if not len(values):
+        return []
+    starts = np.flatnonzero(values[1:] != values[:-1]) + 1
+    return list(itertools.pairwise([0, *starts.tolist(), len(values)]))
 
 
 def digest_sum(digests: np.ndarray) -> int:

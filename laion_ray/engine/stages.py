@@ -225,13 +225,14 @@ def _null_table(schema: pa.Schema, rows: int) -> pa.Table:
     return pa.table([pa.nulls(rows, f.type) for f in schema], schema=schema)
 
 
-def _skipped_rows(batch: pa.Table, stage: UDF, upstream: set[str]) -> np.ndarray:
-    """Rows whose in-run inputs are null: an earlier stage already failed them."""
+def _rows_to_do(batch: pa.Table, stage: UDF, upstream: set[str]) -> np.ndarray | None:
+    """Rows whose in-run inputs are not null (null: an earlier stage failed
+    them); None when that is every row, the usual case."""
     skip = np.zeros(batch.num_rows, dtype=bool)
     for col in stage.inputs:
-        if col in upstream:
+        if col in upstream and batch[col].null_count:
             skip |= batch[col].is_null().to_numpy(zero_copy_only=False)
-    return skip
+    return np.flatnonzero(~skip) if skip.any() else None
 
 
 def apply_stage(
@@ -246,17 +247,16 @@ def apply_stage(
     """Compute ``stage`` on ``batch`` and return ``keep`` columns plus its outputs."""
     if isinstance(batch, pa.RecordBatch):
         batch = pa.Table.from_batches([batch])
-    skip = _skipped_rows(batch, stage, upstream)
-    todo = np.flatnonzero(~skip)
+    todo = _rows_to_do(batch, stage, upstream)
     inputs = batch.select(list(stage.inputs))
-    if len(todo) < batch.num_rows:
+    if todo is not None:
         inputs = inputs.take(pa.array(todo))
     outputs, failures = compute_with_bisect(fn, stage, inputs, guard)
     if failures:
         log.debug(
-            "%s: %d failing rows isolated in a batch of %d", stage.name, len(failures), len(todo)
+            "%s: %d failing rows isolated in a batch of %d", stage.name, len(failures), len(inputs)
         )
-    if len(todo) < batch.num_rows:
+    if todo is not None:
         # Scatter back: row i takes output position[i], or the trailing null row.
         position = np.full(batch.num_rows, len(todo), dtype=np.int64)
         position[todo] = np.arange(len(todo))
@@ -270,12 +270,14 @@ def apply_stage(
     )
 
 
-def _error_messages(rows: int, todo: np.ndarray, failures: list[tuple[int, str]]) -> pa.Array:
+def _error_messages(
+    rows: int, todo: np.ndarray | None, failures: list[tuple[int, str]]
+) -> pa.Array:
     if not failures:
         return pa.nulls(rows, pa.string())
     errors: list[str | None] = [None] * rows
     for row, message in failures:
-        errors[int(todo[row])] = message
+        errors[row if todo is None else int(todo[row])] = message
     return pa.array(errors, pa.string())
 
 

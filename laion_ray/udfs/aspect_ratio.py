@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from laion_ray.udf import UDF, register, udf
 
@@ -26,17 +26,17 @@ def aspect_ratio(batch: pa.Table) -> pa.Table:
 
     ``is_high_res`` follows the card: ``width >= 512 AND height >= 512``.
     """
-    width = batch["width"].to_numpy(zero_copy_only=False).astype(np.float64)
-    height = batch["height"].to_numpy(zero_copy_only=False).astype(np.float64)
-    known = ~(np.isnan(width) | np.isnan(height))
-    valid = known & (width > 0) & (height > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = width / height
-    high_res = (width >= HIGH_RES_MIN_SIDE) & (height >= HIGH_RES_MIN_SIDE)
+    width = pc.cast(batch["width"], pa.float64())
+    height = pc.cast(batch["height"], pa.float64())
+    # Arrow kernels keep nulls as nulls: a null size gives nulls in both columns.
+    valid = pc.and_(pc.greater(width, 0), pc.greater(height, 0))
+    high_res = pc.and_(
+        pc.greater_equal(width, HIGH_RES_MIN_SIDE), pc.greater_equal(height, HIGH_RES_MIN_SIDE)
+    )
     return pa.table(
         {
-            "aspect_ratio": pa.array(ratio, mask=~valid),
-            "is_high_res": pa.array(high_res, mask=~known),
+            "aspect_ratio": pc.if_else(valid, pc.divide(width, height), None),
+            "is_high_res": high_res,
         },
         schema=ASPECT_RATIO_SCHEMA,
     )
