@@ -20,10 +20,10 @@ def ray_attached(address: str | None = None) -> bool:
     Never imports Ray (half a second): a process that has not imported it has
     not started it.
     """
-    return bool(address or os.environ.get("RAY_ADDRESS") or _initialized_ray())
+    return bool(address or os.environ.get("RAY_ADDRESS") or initialized_ray())
 
 
-def _initialized_ray():
+def initialized_ray():
     """The ``ray`` module if this process has initialised Ray, else None.
 
     Never imports it; another thread may be importing it (the driver attaches
@@ -44,7 +44,7 @@ def release_ray() -> None:
     if not _CONNECTING.acquire(blocking=False):
         return
     try:
-        if (ray := _initialized_ray()) is not None:
+        if (ray := initialized_ray()) is not None:
             ray.shutdown()
     finally:
         _CONNECTING.release()

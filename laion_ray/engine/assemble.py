@@ -181,18 +181,20 @@ def build_column_file(
     errors: list[pa.Table] = [ERROR_SCHEMA.empty_table()]
     for unit, computed in sorted(units, key=lambda u: u[0].start):
         part = computed()
-        if part is not None and part.num_rows == unit.end - unit.start:
+        computed_rows = 0 if part is None else part.num_rows
+        if computed_rows == unit.end - unit.start:
             # Every physical row computed: no stored value survives (the usual case).
             current = pa.table({f.name: part[f.name] for f in schema}, schema=schema)
         else:
             current = _current_values(ds, unit, schema, existing)
-        if part is not None and 0 < part.num_rows < unit.end - unit.start:
-            offsets = part[ROWADDR].to_numpy().astype(np.int64) - (fragment_id << 32) - unit.start
-            current = pa.table(
-                {f.name: _scatter(current[f.name], offsets, part[f.name]) for f in schema},
-                schema=schema,
-            )
-        if part is not None and (failed := part_errors(part)).num_rows:
+            if computed_rows:
+                first = (fragment_id << 32) + unit.start
+                offsets = part[ROWADDR].to_numpy().astype(np.int64) - first
+                current = pa.table(
+                    {f.name: _scatter(current[f.name], offsets, part[f.name]) for f in schema},
+                    schema=schema,
+                )
+        if computed_rows and (failed := part_errors(part)).num_rows:
             errors.append(failed)
         writer.write_batch(current)
     # One chunk: a chunk per unit (thousands in a fragment of tiny units) would

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import sys
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,6 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
+from laion_ray.ray_env import initialized_ray
 from laion_ray.storage import (
     PinnedVersion,
     count_io,
@@ -294,10 +294,8 @@ def with_write_seconds(records: pa.Table, seconds: float) -> pa.Table:
 
 def _ray_node() -> str | None:
     """The Ray node this process runs on, if it is a Ray worker (never imports Ray)."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return None
-    return ray.get_runtime_context().get_node_id()
+    ray = initialized_ray()
+    return None if ray is None else ray.get_runtime_context().get_node_id()
 
 
 def _seconds(batch: pa.Table, column: str) -> float:
